@@ -1,0 +1,83 @@
+"""Loading the compiled extensions. Import never fails: a missing or incompatible extension (not built,
+built for another torch, no CUDA) warns once and the ops that need it fall back to another backend.
+`fmkernels.info()` reports what loaded and why not."""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+_STATE: dict[str, dict] = {}
+
+
+def _load(module: str, label: str, quiet: bool) -> object | None:
+    if module in _STATE:
+        return _STATE[module]["module"]
+    try:
+        mod = importlib.import_module(module)
+        _STATE[module] = {"module": mod, "loaded": True, "error": None}
+    except Exception as e:  # ImportError, OSError (undefined symbol: built for another torch), ...
+        _STATE[module] = {"module": None, "loaded": False, "error": f"{type(e).__name__}: {e}"}
+        if not quiet:
+            warnings.warn(
+                f"fmkernels: the {label} extension ({module}) could not be loaded ({type(e).__name__}: {e}). "
+                f"Ops fall back to slower backends; rebuild with `pip install --no-build-isolation -e .` "
+                f"(or `make build`). `fmk info` shows which backend each op uses.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _STATE[module]["module"]
+
+
+def cpu_ext():
+    """fmkernels._C (CPU kernels), or None. FMK_DISABLE_EXT=1 pretends it is missing (for tests)."""
+    if os.environ.get("FMK_DISABLE_EXT", "0") == "1":
+        _STATE.setdefault("fmkernels._C", {"module": None, "loaded": False, "error": "disabled by FMK_DISABLE_EXT=1"})
+        return None
+    return _load("fmkernels._C", "CPU", quiet=False)
+
+
+def cuda_ext():
+    """fmkernels._C_cuda (CUDA kernels), or None. Quiet when torch has no CUDA: nothing to miss then."""
+    import torch
+
+    if os.environ.get("FMK_DISABLE_EXT", "0") == "1":
+        return None
+    quiet = not torch.cuda.is_available()
+    return _load("fmkernels._C_cuda", "CUDA", quiet=quiet)
+
+
+def has_cpu_ext() -> bool:
+    return cpu_ext() is not None
+
+
+def has_cuda_ext() -> bool:
+    return cuda_ext() is not None
+
+
+def status() -> dict[str, dict]:
+    cpu_ext()
+    cuda_ext()
+    return {k: {"loaded": v["loaded"], "error": v["error"]} for k, v in _STATE.items()}
+
+
+def cpu_features() -> dict[str, bool]:
+    """ISA extensions of this CPU: from the extension's CPUID probe, else from /proc/cpuinfo."""
+    ext = cpu_ext()
+    if ext is not None:
+        return dict(ext.cpu_features())
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    names = {
+        "avx2": "avx2", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
+        "avx512dq": "avx512dq", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
+        "avx512_fp16": "avx512_fp16", "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8",
+    }
+    return {k: v in flags for k, v in names.items()}

@@ -1,0 +1,88 @@
+"""Build for fmkernels: one CPU extension (fmkernels._C) and, where CUDA is usable, one CUDA extension
+(fmkernels._C_cuda).
+
+Rules (see README "Building"):
+- never `-std=...` (torch picks C++20) and never `-march=native`: AVX-512 code uses per-function
+  `__attribute__((target(...)))` and is chosen at run time from CPUID, so a wheel built here runs anywhere;
+- the CUDA extension is built when torch has CUDA and nvcc is found, or when FMK_FORCE_CUDA=1;
+  FMK_SKIP_CUDA=1 skips it; MAX_JOBS is honoured by torch's BuildExtension (ninja).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda(torch_mod) -> bool:
+    if _env_flag("FMK_SKIP_CUDA"):
+        return False
+    if _env_flag("FMK_FORCE_CUDA"):
+        return True
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch_mod.version.cuda is not None and has_nvcc
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print(
+            "fmkernels: torch is not importable in the build environment; building the pure-Python "
+            "package only (install torch first and use `pip install --no-build-isolation .`).",
+            file=sys.stderr,
+        )
+        return [], {}
+
+    debug = _env_flag("FMK_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    cpu_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    exts = [
+        CppExtension(
+            name="fmkernels._C",
+            sources=cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+    if _want_cuda(torch):
+        cu_sources = sorted(
+            os.path.relpath(p, ROOT)
+            for pat in ("*.cu", "*.cpp")
+            for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", pat))
+        )
+        archs = os.environ.get("FMK_CUDA_ARCHS", "80;90a").split(";")
+        gencode = []
+        for a in archs:
+            gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        exts.append(
+            CUDAExtension(
+                name="fmkernels._C_cuda",
+                sources=cu_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={
+                    "cxx": opt,
+                    "nvcc": opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + gencode,
+                },
+            )
+        )
+    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -182,3 +182,26 @@ def test_attention_skipped_without_kernel(monkeypatch):
     r = fk.patch(m)
     assert "flash_attention is not part of this build" in r.skipped["attention"]
     fk.unpatch(m)
+
+
+def test_fmkernels_own_models():
+    """fmkernels.models.Transformer already runs on fmkernels ops (every kind reported as such); its plain-PyTorch
+    twin (nn.RMSNorm, F.scaled_dot_product_attention) is patched like any plain model and matches."""
+    try:
+        models = fk.models
+    except AttributeError as e:
+        pytest.skip(f"fmkernels.models is not part of this build ({e})")
+    cfg = models.TransformerConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    m = models.Transformer(cfg)
+    r = fk.patch(m)
+    assert not r.replaced and all("already runs on fmkernels ops" in r.skipped[k] or "not part" in r.skipped[k]
+                                  for k in ("attention", "rms_norm"))
+    fk.unpatch(m)
+    ref, plain = models.PlainTransformer(cfg), models.PlainTransformer(cfg)
+    plain.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 64, (2, 20))
+    r = fk.patch(plain)
+    assert r.replaced["rms_norm"] == 2 * 2 + 1 and r.replaced["attention"] == 1
+    torch.testing.assert_close(plain(idx), ref(idx), rtol=1e-4, atol=1e-4)
+    assert r.calls["attention_fused"] == 2
+    fk.unpatch(plain)

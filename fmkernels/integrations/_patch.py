@@ -116,7 +116,8 @@ def set_attr(state: _State, obj: Any, name: str, value: Any) -> None:
 
 
 def is_fmkernels_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("fmkernels.models")
+    """fmkernels' own fused model (fmkernels.models.Transformer); its plain-PyTorch twin is patched as any model."""
+    return type(model).__module__ == "fmkernels.models.transformer"
 
 
 def _hf_loaded() -> bool:
@@ -171,10 +172,11 @@ def _linear(model: nn.Module, state: _State, cfg) -> int:
         d = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
         snap.append((m, m.__class__, d))
     weights = [(m.weight, m.weight.detach().clone()) for m in model.modules() if isinstance(m, nn.Linear)]
-    before = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}
+    before = [m for m in model.modules() if isinstance(m, nn.Linear)]
     fn(model, cfg)
     weights = [(p, c) for p, c in weights if not torch.equal(p.detach(), c)]  # keep only what was edited in place
-    changed = sum(1 for i, m in before.items() if not any(x is m for x in model.modules()) or type(m) is not nn.Linear)
+    now = {id(m) for m in model.modules()}
+    changed = sum(1 for m in before if id(m) not in now or type(m) is not nn.Linear)
     changed = max(changed, len(weights))
 
     def undo():

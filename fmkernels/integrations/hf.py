@@ -74,11 +74,13 @@ def _attention(model, state, report):
     n = 0
     refused = []
     for pm in hf_models(model):
-        configs = {}
-        for m in pm.modules():
-            cfg = getattr(m, "config", None)
-            if isinstance(cfg, transformers.PreTrainedConfig):
-                configs[id(cfg)] = (cfg, cfg._attn_implementation)
+        configs = {}  # every config set_attn_implementation may touch: the modules' and their sub-configs
+        todo = [getattr(m, "config", None) for m in pm.modules()]
+        while todo:
+            cfg = todo.pop()
+            if isinstance(cfg, transformers.PreTrainedConfig) and id(cfg) not in configs:
+                configs[id(cfg)] = (cfg, cfg._attn_implementation_internal)
+                todo.extend(getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {}) or {})
         pm.set_attn_implementation(NAME)
         if pm.config._attn_implementation != NAME:
             refused.append(type(pm).__name__)

@@ -121,6 +121,33 @@ class SDPAMode(TorchFunctionMode):
 #   dropout / scaling are keywords; the return value is (output (B, Nq, Hq, D), None).
 #   SDPA's `is_causal` is only used when Nq > 1 and no mask; with Nk > Nq (prefill into an empty static cache)
 #   it is top-left aligned, which sdpa_attention_forward expresses by cropping k/v to the first Nq positions.
+#   Masks: bidirectional key-padding (right-padded encoder batches) runs the kernel per sequence on its valid
+#   keys; every other mask (causal + padding, packed sequences, sliding windows) runs the reference path.
+
+
+def _key_padding_varlen(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
+    """Bidirectional attention with a key-padding mask (BERT-style padded batches): each sequence's valid keys
+    are a prefix, the same for every query row. Run the kernel per sequence on its valid keys (what SDPA with
+    that mask computes, padded query rows included). Eager only: the lengths are read from the mask.
+    Returns (B, Nq, Hq, D) or None when the mask is anything else."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (causal or dropout != 0.0 or torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4
+            or mask.shape[1] != 1 or mask.shape[0] != query.shape[0] or mask.shape[2] != query.shape[2]
+            or mask.shape[3] != key.shape[2] or _kernel_reason(query, key, value) is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("s_aux") is not None):
+        return None
+    keep = mask[:, 0, 0, :]  # (B, Nk)
+    lengths = keep.sum(-1)  # (B,)
+    prefix = torch.arange(keep.shape[1], device=keep.device)[None, :] < lengths[:, None]
+    if not bool((mask == keep[:, None, None, :]).all()) or not bool((keep == prefix).all()) or not bool(
+            (lengths > 0).all()):
+        return None
+    outs = []
+    for b, n in enumerate(lengths.tolist()):
+        kb, vb = key[b: b + 1, :, :n], value[b: b + 1, :, :n]
+        outs.append(flash_attention(query[b: b + 1], kb, vb, causal=False, softmax_scale=scaling))
+    return torch.cat(outs).transpose(1, 2).contiguous()  # (B, Nq, Hq, D)
 
 
 def make_hf_attention(hf_fallback):
@@ -131,6 +158,10 @@ def make_hf_attention(hf_fallback):
         stats = getattr(module, "_fmkernels_stats", None)
         why = None
         if attention_mask is not None:
+            out = _key_padding_varlen(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+            if out is not None:
+                count(stats, "attention_fused_varlen")
+                return out, None
             why = "mask"
         elif dropout != 0.0:
             why = "dropout"

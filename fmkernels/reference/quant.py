@@ -27,8 +27,11 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float -> (q int8 (M, K), scale fp32 (M,)) with x ~= q * scale[:, None]."""
     xf = x.float()
     amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
-    scale = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # tensor / tensor: correctly rounded fp32 division (torch turns `scalar / tensor` and `tensor / scalar` into
+    # a reciprocal times a product, which rounds differently from the kernels' true division)
+    c127 = torch.full_like(amax, 127.0)
+    scale = amax / c127
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
     q = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -40,9 +43,9 @@ def quantize_per_row_two_terms(x: torch.Tensor):
     amax = scale * 127.0
     prod = q.float() * scale[:, None]
     r = xf - prod
-    inv2 = torch.where(amax > 0, (127.0 * 254.0) / amax, torch.zeros_like(amax))
+    inv2 = torch.where(amax > 0, torch.full_like(amax, 127.0 * 254.0) / amax, torch.zeros_like(amax))
     lo = torch.round(r * inv2[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale, lo, scale / 254.0
+    return q, scale, lo, scale / torch.full_like(scale, 254.0)
 
 
 def int8_pack_weight(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +99,13 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False):
     """w (N, K) float -> (q uint8 (N, K) in [0, 15], scale fp32 (K/G, N), zero fp32 (K/G, N)).
 
     asymmetric: per group [min, max] -> scale = (max - min) / 15, zero = round(-min / scale) in [0, 15];
-    symmetric: scale = amax / 7 (codes -7..7 stored + 8), zero = 8."""
+    symmetric: scale = amax / 7.5 (codes -8..7 stored + 8, torchao's convention), zero = 8."""
     N, K = w.shape
     G = group_size
     wg = w.float().reshape(N, K // G, G)
     if symmetric:
         amax = wg.abs().amax(dim=2)
-        scale = amax / 7.0
+        scale = amax / 7.5
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, 8.0)
     else:

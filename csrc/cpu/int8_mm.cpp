@@ -85,6 +85,12 @@ FMK_AVX512_VNNI void ukernel_vnni(const int8_t* A, int64_t lda, const int8_t* B,
   const int8_t* B2 = B + 2 * ldb;
   const int8_t* B3 = B + 3 * ldb;
   for (int64_t k = 0; k < kq; ++k) {
+    if constexpr (MR <= 2) {  // few rows: the weights stream from L3/DRAM once; prefetch ahead of the loads
+      _mm_prefetch(reinterpret_cast<const char*>(B + (k + 24) * 64), _MM_HINT_T0);
+      if constexpr (NB > 1) _mm_prefetch(reinterpret_cast<const char*>(B1 + (k + 24) * 64), _MM_HINT_T0);
+      if constexpr (NB > 2) _mm_prefetch(reinterpret_cast<const char*>(B2 + (k + 24) * 64), _MM_HINT_T0);
+      if constexpr (NB > 3) _mm_prefetch(reinterpret_cast<const char*>(B3 + (k + 24) * 64), _MM_HINT_T0);
+    }
     const __m512i b0 = _mm512_xor_si512(_mm512_loadu_si512(B + k * 64), flip);
     const __m512i b1 = NB > 1 ? _mm512_xor_si512(_mm512_loadu_si512(B1 + k * 64), flip) : z;
     const __m512i b2 = NB > 2 ? _mm512_xor_si512(_mm512_loadu_si512(B2 + k * 64), flip) : z;

@@ -13,7 +13,7 @@ Schemas (defined once, here):
                      int act_terms) -> Tensor
   fmkernels::fp8_mm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor? bias, ScalarType out_dtype) -> Tensor
 Formats: see fmkernels/reference/quant.py. CPU kernels: csrc/cpu/int8_mm.cpp, csrc/cpu/int4_mm.cpp; Triton:
-fmkernels/triton/{int8_mm,int4_mm,fp8_mm}.py; CUDA: csrc/cuda/{int8_mm,int4_mm,fp8_mm}.cu.
+fmkernels/triton/{int8_mm,int4_mm,fp8_mm}.py; CUDA: csrc/cuda/{int8_mm,int4_mm,fp8_mm}.cu + quant_binding.cpp.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _fp8_check(q: _dispatch.Query):
     return None
 
 
-QPR_OP = _reg("quantize_per_row", ref.quantize_per_row, FLOAT_DTYPES, cuda=False)
+QPR_OP = _reg("quantize_per_row", ref.quantize_per_row, FLOAT_DTYPES)
 INT8_OP = _reg("int8_mm", ref.int8_mm, _OUT_DTYPES)
 INT8_LINEAR_OP = _reg("int8_linear", ref.int8_linear, FLOAT_DTYPES)
 INT4_OP = _reg("int4_mm", ref.int4_mm, FLOAT_DTYPES)

@@ -487,3 +487,31 @@ def test_int8_training_linear_gradients():
     T.assert_sqnr(xr.grad, x.grad, 35.0, "int8 training grad input")
     torch.testing.assert_close(w.grad, wr.grad)  # grad weight stays in fp32
     torch.testing.assert_close(b.grad, br.grad)
+
+
+# ---------------------------------------------------------------- GPU (skipped without a CUDA device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_reference(backend):
+    dev = "cuda"
+    M, N, K = 33, 200, 256
+    a, b = _i8(M, K).to(dev), _i8(N, K, seed=1).to(dev)
+    p, c = Q.int8_pack_weight(b)
+    T.assert_exact(Q.int8_mm(a, torch.ones(M, device=dev), p, c, torch.ones(N, device=dev), out_dtype=torch.int32,
+                             backend=backend), R.int_matmul(a.cpu(), b.cpu()).to(dev))
+    x, w = T.randn(M, K, device=dev), T.randn(N, K, seed=2, device=dev)
+    q, s = Q.quantize_per_row(x, backend=backend)
+    T.assert_exact(q, R.quantize_per_row(x)[0])
+    p8, c8, s8 = Q.int8_quantize_weight(w)
+    T.assert_sqnr(x @ w.t(), Q.int8_linear(x, p8, c8, s8, backend=backend), 35.0)
+    p4, s4, z4 = Q.int4_quantize_weight(w, 128)
+    for dt in FLOATS:
+        y = Q.int4_mm(x.to(dt), p4, s4, z4, 128, N, backend=backend)
+        T.assert_sqnr(R.int4_mm(x.to(dt).float(), p4, s4, z4, 128, N), y.float(), 40.0)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        a8, sa8 = Q.fp8_quantize(x)
+        b8, sb8 = Q.fp8_quantize(w)
+        y = Q.fp8_mm(a8, sa8, b8, sb8, out_dtype=torch.float32, backend=backend)
+        T.assert_sqnr(R.fp8_mm(a8, sa8, b8, sb8, None, torch.float32), y, 60.0)

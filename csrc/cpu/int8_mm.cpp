@@ -243,6 +243,10 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_weight_cpu(const at::Tensor& b_in) 
 
 // ---------------------------------------------------------------- ops
 
+// Row stride of the activation codes: rows a multiple of 1 KiB apart put the micro-kernel's 6 row streams and
+// its 4 weight streams (64 KiB apart for K = 4096) in the same L1 set (8 ways); 64 bytes of padding spread them.
+int64_t row_stride(int64_t Kp, int64_t M) { return (M > 1 && Kp % 1024 == 0) ? Kp + 64 : Kp; }
+
 void check_packed(const at::Tensor& a_or_x, const at::Tensor& bp, const at::Tensor& comp, const at::Tensor& b_scale,
                   const std::optional<at::Tensor>& bias, const char* op) {
   TORCH_CHECK(bp.scalar_type() == at::kChar && bp.dim() == 4 && bp.size(2) == 16 && bp.size(3) == 4, op,
@@ -281,16 +285,18 @@ at::Tensor int8_mm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale_in, con
   const at::Tensor b_scale = b_scale_in.contiguous();
   at::Tensor bias32;
   if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
-  // s8 codes readable up to Kp per row (copy only when K is not a multiple of 4), and 128 * rowsum(A)
+  // s8 codes readable up to Kp per row (copy only when K is not a multiple of 4, or to break 4 KiB aliasing of
+  // the row stride), and 128 * rowsum(A)
   const at::Tensor ac = a_in.contiguous();
-  at::Tensor apad = K == Kp ? ac : at::constant_pad_nd(ac, {0, Kp - K}, 0);
+  const int64_t lda = row_stride(Kp, M);
+  at::Tensor apad = (K == Kp && lda == Kp) ? ac : at::constant_pad_nd(ac, {0, lda - K}, 0);
   at::Tensor arow = at::empty({M}, a_in.options().dtype(at::kInt));
   const int8_t* A = apad.data_ptr<int8_t>();
   int32_t* ar = arow.data_ptr<int32_t>();
   at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       int32_t sum = 0;
-      for (int64_t k = 0; k < Kp; ++k) sum += A[r * Kp + k];
+      for (int64_t k = 0; k < Kp; ++k) sum += A[r * lda + k];
       ar[r] = 128 * sum;
     }
   });
@@ -298,10 +304,10 @@ at::Tensor int8_mm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale_in, con
               bias.has_value() ? bias32.data_ptr<float>() : nullptr, out.data_ptr(), out_dtype, N};
   const int8_t* B = bp.data_ptr<int8_t>();
   switch (out_dtype) {
-    case at::kInt: gemm_s8<int32_t>(A, M, Kp, B, Np, Kp, ep); break;
-    case at::kBFloat16: gemm_s8<c10::BFloat16>(A, M, Kp, B, Np, Kp, ep); break;
-    case at::kHalf: gemm_s8<c10::Half>(A, M, Kp, B, Np, Kp, ep); break;
-    default: gemm_s8<float>(A, M, Kp, B, Np, Kp, ep); break;
+    case at::kInt: gemm_s8<int32_t>(A, M, lda, B, Np, Kp, ep); break;
+    case at::kBFloat16: gemm_s8<c10::BFloat16>(A, M, lda, B, Np, Kp, ep); break;
+    case at::kHalf: gemm_s8<c10::Half>(A, M, lda, B, Np, Kp, ep); break;
+    default: gemm_s8<float>(A, M, lda, B, Np, Kp, ep); break;
   }
   return out;
 }
@@ -343,7 +349,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& bp, const a
   const at::Tensor b_scale = b_scale_in.contiguous();
   at::Tensor bias32;
   if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
-  at::Tensor codes = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  const int64_t lda = row_stride(Kp, M);
+  at::Tensor codes = at::empty({M, lda}, x.options().dtype(at::kChar));
   at::Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor arow = at::empty({M}, x.options().dtype(at::kInt));
   const bool avx512 = use_avx512();
@@ -354,7 +361,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& bp, const a
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        int8_t* q = A + r * Kp;
+        int8_t* q = A + r * lda;
         asp[r] = quant::quant_row(avx512, xp + r * K, K, reinterpret_cast<uint8_t*>(q), 0);
         int32_t sum = 0;
         for (int64_t k = 0; k < K; ++k) sum += q[k];
@@ -364,7 +371,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& bp, const a
     });
     Epilogue ep{ar, asp, b_scale.data_ptr<float>(), bias.has_value() ? bias32.data_ptr<float>() : nullptr,
                 out.data_ptr(), x.scalar_type(), N};
-    gemm_s8<scalar_t>(A, M, Kp, bp.data_ptr<int8_t>(), Np, Kp, ep);
+    gemm_s8<scalar_t>(A, M, lda, bp.data_ptr<int8_t>(), Np, Kp, ep);
   });
   return out;
 }

@@ -515,3 +515,19 @@ def test_gpu_backends_match_reference(backend):
         b8, sb8 = Q.fp8_quantize(w)
         y = Q.fp8_mm(a8, sa8, b8, sb8, out_dtype=torch.float32, backend=backend)
         T.assert_sqnr(R.fp8_mm(a8, sa8, b8, sb8, None, torch.float32), y, 60.0)
+
+
+def test_module_fast_path_still_checks_inputs(monkeypatch):
+    m8 = fk.nn.Int8Linear.from_float(nn.Linear(64, 32))
+    m4 = fk.nn.Int4Linear.from_float(nn.Linear(64, 32), group_size=32)
+    for m in (m8, m4):
+        with pytest.raises(TypeError, match=r"x must have dtype float32 or bfloat16 or float16, got int64"):
+            m(torch.ones(2, 64, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"packed for K=64"):
+            m(T.randn(2, 96))
+    x = T.randn(3, 64)
+    monkeypatch.setenv("FMK_BACKEND", "reference")  # the cached backend choice follows FMK_BACKEND
+    ref8, ref4 = m8(x), m4(x)
+    monkeypatch.delenv("FMK_BACKEND")
+    torch.testing.assert_close(m8(x), ref8, rtol=1e-5, atol=1e-5)
+    T.assert_sqnr(ref4, m4(x), 60.0)

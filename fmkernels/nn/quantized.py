@@ -63,7 +63,7 @@ class Int8Linear(_QuantLinearBase):
         return m.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.weight_packed, self.weight_comp, self.weight_scale, self.bias, backend=self.backend)
+        return Q.int8_linear_module(x, self.weight_packed, self.weight_comp, self.weight_scale, self.bias, self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         w = ref.int8_unpack_weight(self.weight_packed, self.out_features, self.in_features)
@@ -139,10 +139,8 @@ class Int4Linear(_QuantLinearBase):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_mm(
-            x, self.weight_packed, self.weight_scale, self.weight_zero, self.group_size, self.out_features, self.bias,
-            act_terms=self.act_terms, backend=self.backend,
-        )
+        return Q.int4_mm_module(x, self.weight_packed, self.weight_scale, self.weight_zero, self.group_size,
+                                self.out_features, self.bias, self.act_terms, self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         q = ref.int4_unpack_weight(self.weight_packed, self.out_features, self.in_features)

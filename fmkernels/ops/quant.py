@@ -17,6 +17,8 @@ fmkernels/triton/{int8_mm,int4_mm,fp8_mm}.py; CUDA: csrc/cuda/{int8_mm,int4_mm,f
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -111,7 +113,7 @@ def _tri(name):
 
 
 def _compiled(name):
-    return lambda *args: getattr(torch.ops.fmkernels, name)(*args)
+    return getattr(torch.ops.fmkernels, name).default  # the OpOverload: no per-call overload resolution
 
 
 def _reg(name, ref_fn, dtypes, cpu=True, cuda=True, check=None):
@@ -159,8 +161,6 @@ def _use_cpu_ext(t: torch.Tensor) -> bool:
 
 
 def _forced_reference() -> bool:
-    import os
-
     return os.environ.get("FMK_BACKEND") == "reference"
 
 
@@ -396,6 +396,44 @@ def fp8_mm(
         extra = (("capability", torch.cuda.get_device_capability(a.device)),)
     impl = FP8_OP.select(_dispatch.Query(a.device.type, out_dtype, (a.shape[0], b.shape[0], a.shape[1]), extra), backend)
     return impl.fn(a.contiguous(), a_scale, b.contiguous(), b_scale, bias, out_dtype)
+
+
+# ---------------------------------------------------------------- module fast path
+
+
+@functools.lru_cache(maxsize=256)
+def _select_cached(op_name, device, dtype, backend, env, interp):
+    # int8_linear / int4_mm backends have no shape-dependent checks: (device, dtype, forced backend, env) decide
+    return _dispatch.OPS[op_name].select(_dispatch.Query(device, dtype), backend)
+
+
+def _fast_impl(op_name, x, w, backend):
+    """Backend for a module whose packed weights were validated when they were built or loaded (saves ~25 us
+    of per-call Python checks, 8% of a 4096x4096 batch-1 int8 linear); None: take the checked path."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.device != w.device or x.dim() == 0:
+        return None
+    env = os.environ.get("FMK_BACKEND") or None
+    return _select_cached(op_name, x.device.type, x.dtype, backend, env, os.environ.get("TRITON_INTERPRET"))
+
+
+def int8_linear_module(x, b_packed, b_comp, b_scale, bias, backend=None):
+    """int8_linear for Int8Linear (weights validated at construction / load)."""
+    K = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1
+    impl = _fast_impl("int8_linear", x, b_packed, backend) if b_packed.shape[1] * 4 == _ru(max(K, 1), 4) else None
+    if impl is None:
+        return int8_linear(x, b_packed, b_comp, b_scale, bias, backend=backend)
+    y = impl.fn(x.reshape(-1, K).contiguous(), b_packed, b_comp, b_scale, bias)
+    return y.reshape(*x.shape[:-1], b_scale.shape[0])
+
+
+def int4_mm_module(x, w_packed, scale, zero, group_size, n, bias, act_terms, backend=None):
+    """int4_mm for Int4Linear (weights validated at construction / load)."""
+    K = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1
+    impl = _fast_impl("int4_mm", x, w_packed, backend) if w_packed.shape[1] * 8 == K else None
+    if impl is None:
+        return int4_mm(x, w_packed, scale, zero, group_size, n, bias, act_terms=act_terms, backend=backend)
+    y = impl.fn(x.reshape(-1, K).contiguous(), w_packed, scale, zero, group_size, n, bias, act_terms)
+    return y.reshape(*x.shape[:-1], n)
 
 
 # ---------------------------------------------------------------- int8 training

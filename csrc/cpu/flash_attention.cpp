@@ -33,6 +33,7 @@ namespace {
 
 constexpr int64_t BQ = 64;  // query rows per tile
 constexpr int64_t BK = 64;  // keys per tile (multiple of 32)
+static_assert(BQ == BK, "the bf16 backward packs Q^T panels with the K^T blocking");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -66,24 +67,46 @@ struct Mask {
       std::fill(row + b, row + BK, kNegInf);
     }
   }
+  // Same on a transposed tile st (BK keys x BQ queries, row-major): key j0 + j, queries r0 + i.
+  void apply_t(float* st, int64_t r0, int64_t j0) const {
+    for (int64_t j = 0; j < BK; ++j) {
+      const int64_t a = std::clamp<int64_t>(qlo(j0 + j) - r0, 0, BQ);
+      const int64_t b = std::clamp<int64_t>(j0 + j < nk ? qhi(j0 + j + 1) - r0 : 0, 0, BQ);
+      float* row = st + j * BQ;
+      if (b <= a) {
+        std::fill(row, row + BQ, kNegInf);
+        continue;
+      }
+      std::fill(row, row + a, kNegInf);
+      std::fill(row + b, row + BQ, kNegInf);
+    }
+  }
 };
 
 // ================================================================ AVX-512 fp32 kernels
 
-// 2^x for x <= 128; x <= -126 (and -inf) gives 0 (no denormals).
+// 2^x for x <= 128; x <= -126 (and -inf) gives 0 (no denormals). 2^f on [-0.5, 0.5] by a Chebyshev-fitted
+// polynomial: degree 5 (1.0e-7 relative, fp32 ulp level) or degree 4 (3.6e-6) where p is rounded to bf16 anyway.
+template <int DEG = 5>
 FMK_AVX512 static inline __m512 exp2_ps(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p;
+  if constexpr (DEG >= 5) {
+    p = _mm512_set1_ps(1.34004417095362e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676046747499872e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327190348713e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107174899823e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067218047e-01f));
+  } else {
+    p = _mm512_set1_ps(9.676046747496274e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5922119292501016e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107174899843e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931210235358917e-01f));
+  }
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000755330434f));
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
@@ -222,7 +245,7 @@ using bf16 = c10::BFloat16;
 
 // C (M x N, fp32) = A (M x K bf16, row stride lda, K even) * Bp (pair panel of K x N, lane stride ldb = N).
 template <int MR, int NV>
-FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int64_t lda, const bf16* Bp,
+FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int64_t lda, int64_t lpa, const bf16* Bp,
                                                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -232,7 +255,7 @@ FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int6
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + (kp * ldb + 16 * v) * 2);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * kp, 4);
+      std::memcpy(&pair, A + r * lda + lpa * kp, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
@@ -242,25 +265,91 @@ FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int6
 }
 
 template <int MR, int NVMAX>
-FMK_AVX512_BF16 static inline void abt_bf16_rows(int64_t N, int64_t K2, const bf16* A, int64_t lda, const bf16* Bp,
-                                                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+FMK_AVX512_BF16 static inline void abt_bf16_rows(int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
+                                                 const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int64_t c = 0;
   for (; c + 16 * NVMAX <= N; c += 16 * NVMAX)
-    abt_bf16_tile<MR, NVMAX>(K2, A, lda, Bp + 2 * c, ldb, C + c, ldc, accumulate);
-  for (; c < N; c += 16) abt_bf16_tile<MR, 1>(K2, A, lda, Bp + 2 * c, ldb, C + c, ldc, accumulate);
+    abt_bf16_tile<MR, NVMAX>(K2, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
+  for (; c < N; c += 16) abt_bf16_tile<MR, 1>(K2, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
 }
 
-// Covers both uses: S = Q K^T (A = Q rows, pairs over d; Bp = K^T pair panel) and the "AB" products
-// dO-style C += A B (A = P / dS / P^T / dS^T rows in bf16, pairs over the reduction; Bp = pair panel of B).
-FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, const bf16* Bp,
-                                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// C (M x N) (+)= A * B with vdpbf16ps: A's pair (row r, pair kp) at A + r*lda + kp*lpa (lpa = 2: row-major
+// pairs), B a pair panel (K2 pairs x N lanes, lane stride ldb). Used for Q K^T (B = K^T panel), P V, P^T dO,
+// dS^T Q and dS K. N multiple of 16.
+FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
+                                      const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  if (N % 64 == 0 && !accumulate && N == 64) {
-    for (; i + 8 <= M; i += 8) abt_bf16_rows<8, 2>(N, K2, A + i * lda, lda, Bp, ldb, C + i * ldc, ldc, accumulate);
+  if (N <= 64) {
+    for (; i + 8 <= M; i += 8)
+      abt_bf16_rows<8, 2>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   } else {
-    for (; i + 4 <= M; i += 4) abt_bf16_rows<4, 4>(N, K2, A + i * lda, lda, Bp, ldb, C + i * ldc, ldc, accumulate);
+    for (; i + 4 <= M; i += 4)
+      abt_bf16_rows<4, 4>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   }
-  for (; i < M; ++i) abt_bf16_rows<1, 4>(N, K2, A + i * lda, lda, Bp, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i) abt_bf16_rows<1, 4>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// Forward tile (bf16 path): online-softmax update of rows [0, M) of S (BK wide), rescale the output rows, and
+// write P in bf16 (row-major, BK wide) for the P V product.
+FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, float* l, float* O, int64_t Dp,
+                                       bf16* P) {
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t i = 0; i < M; ++i) {
+    float* s = S + i * BK;
+    __m512 t[BK / 16];
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int v = 0; v < BK / 16; ++v) {
+      t[v] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), vc);
+      mx = _mm512_max_ps(mx, t[v]);
+    }
+    const float m_new = std::max(m[i], _mm512_reduce_max_ps(mx));
+    if (m_new == kNegInf) {
+      std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
+      continue;
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < BK / 16; ++v) {
+      const __m512 p = exp2_ps<4>(_mm512_sub_ps(t[v], vm));
+      sum = _mm512_add_ps(sum, p);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    const float alpha = std::exp2(m[i] - m_new);
+    l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
+    m[i] = m_new;
+    if (alpha != 1.0f) {
+      const __m512 va = _mm512_set1_ps(alpha);
+      float* o = O + i * Dp;
+      for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
+    }
+  }
+}
+
+// Backward tile, transposed (rows = BK keys, columns = BQ queries): P^T = 2^(S^T c - lse2[col]),
+// dS^T = P^T (dP^T - delta[col]). Writes P^T and dS^T in bf16 (BK x BQ, row-major) and dS as an A operand
+// for dS K: Z[jp][i] = (dS^T[2jp][i], dS^T[2jp+1][i]) (pairs over keys, row i at stride 2, pair at 2*BQ).
+FMK_AVX512_BF16 void bwd_tile_t_bf16(const float* ST, const float* dPT, float c, const float* lse2,
+                                     const float* delta, bf16* PT, bf16* dST, bf16* Z) {
+  const __m512 vc = _mm512_set1_ps(c);
+  alignas(64) static const int16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t jp = 0; jp < BK / 2; ++jp) {
+    for (int64_t i = 0; i < BQ; i += 16) {
+      const __m512 vl = _mm512_loadu_ps(lse2 + i), vd = _mm512_loadu_ps(delta + i);
+      __m512 ds[2];
+      for (int u = 0; u < 2; ++u) {
+        const int64_t j = 2 * jp + u;
+        const __m512 p = exp2_ps<4>(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * BQ + i), vc, vl));
+        ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dPT + j * BQ + i), vd));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
+      }
+      // cvtne2ps(b, a): lanes 0-15 = a, 16-31 = b; interleave to (a0, b0, a1, b1, ...).
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);
+      _mm512_storeu_si512(Z + jp * 2 * BQ + 2 * i, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
 }
 
 // fp32 (M x N) -> bf16 rows (row stride ldo); N multiple of 16.
@@ -481,16 +570,12 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
       const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
-        gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK, BK, S.data(),
-                         BK, false);
+        gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK, BK,
+                         S.data(), BK, false);
         if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-        for (int64_t i = 0; i < M; ++i) {
-          const float alpha = kn.softmax_row(S.data() + i * BK, BK, t.c, &m[i], &l[i]);
-          if (alpha != 1.0f) kn.scale_row(O.data() + i * t.Dp, t.Dp, alpha);
-        }
-        to_bf16_rows_avx512(S.data(), M, BK, BK, P.data(), BK);
-        gemm_bf16_avx512(M, t.Dp, BK / 2, P.data(), BK, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp, O.data(),
-                         t.Dp, true);
+        softmax_tile_bf16(S.data(), M, t.c, m.data(), l.data(), O.data(), t.Dp, P.data());
+        gemm_bf16_avx512(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
+                         O.data(), t.Dp, true);
       }
       fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
       store_rows(O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
@@ -593,57 +678,41 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
   });
 }
 
-void bwd_bf16(const BwdTask& t, const bf16* Qb, const bf16* dOb, const bf16* Qr, const bf16* dOr, const bf16* Ktp,
-              const bf16* Vtp, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dk,
+// bf16 path: tiles are computed transposed (S^T = K Q^T, dP^T = V dO^T) so that P^T and dS^T come out
+// row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
+// aligned to BQ (the Q^T / dO^T pair panels are blocked); padded query columns have lse2 = +inf (P = 0).
+void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
+              const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dk,
               bf16* dv, float scale) {
-  const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S(BQ * BK), dP(BQ * BK), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
-    std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PT(BK * BQ), dST(BK * BQ);
+    std::vector<float> ST(BK * BQ), dPT(BK * BQ), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
+    std::vector<bf16> PT(BK * BQ), dST(BK * BQ), Z(BK * BQ);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
       std::fill(dVa.begin(), dVa.end(), 0.0f);
       for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
         const int64_t bh = b * t.Hq + h;
-        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nq * t.Dp;
+        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nqp * t.Dp;
         for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
           const int64_t j0 = kb * BK;
-          // Query rows start on an even row (pair panels over rows); extra rows see nothing: P = 0 there.
-          const int64_t qlo = t.mask.qlo(j0) & ~int64_t(1), qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
-          const bf16* ktb = Ktp + (bhk * t.nkb + kb) * t.Dp * BK;
-          const bf16* vtb = Vtp + (bhk * t.nkb + kb) * t.Dp * BK;
+          const int64_t qlo = t.mask.qlo(j0) / BQ * BQ, qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
+          const bf16* kb_rows = Kb + (bhk * t.Nkp + j0) * t.Dp;
+          const bf16* vb_rows = Vb + (bhk * t.Nkp + j0) * t.Dp;
           const bf16* krb = Kr + (bhk * t.Nkp + j0) * t.Dp;
           float* dka = dKa.data() + idx * BK * t.Dp;
           float* dva = dVa.data() + idx * BK * t.Dp;
           for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
-            const int64_t M = std::min(BQ, qhi - r0), M2 = round_up(M, 2);
-            const bf16* Q = Qb + (bh * t.Nqp + r0) * t.Dp;
-            const bf16* dO = dOb + (bh * t.Nqp + r0) * t.Dp;
-            gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, ktb, BK, S.data(), BK, false);
-            gemm_bf16_avx512(M, BK, t.Dp / 2, dO, t.Dp, vtb, BK, dP.data(), BK, false);
-            if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-            for (int64_t i = 0; i < M; ++i)
-              kn.bwd_row(S.data() + i * BK, dP.data() + i * BK, BK, t.c, lse2[bh * t.Nq + r0 + i],
-                         delta[bh * t.Nq + r0 + i]);
-            if (M2 != M) {  // a zero row to complete the last pair
-              std::fill(S.data() + M * BK, S.data() + M2 * BK, 0.0f);
-              std::fill(dP.data() + M * BK, dP.data() + M2 * BK, 0.0f);
-            }
-            to_bf16_rows_avx512(S.data(), M2, BK, BK, Pb.data(), BK);
-            to_bf16_rows_avx512(dP.data(), M2, BK, BK, dSb.data(), BK);
-            for (int64_t i = 0; i < M2; ++i)
-              for (int64_t j = 0; j < BK; ++j) {
-                PT[j * BQ + i] = Pb[i * BK + j];
-                dST[j * BQ + i] = dSb[i * BK + j];
-              }
-            const bf16* dOr_b = dOr + (bh * t.Nqp + r0) * t.Dp;  // pair panel rows r0.. (r0 even)
-            const bf16* Qr_b = Qr + (bh * t.Nqp + r0) * t.Dp;
-            gemm_bf16_avx512(BK, t.Dp, M2 / 2, PT.data(), BQ, dOr_b, t.Dp, dva, t.Dp, true);   // dV += P^T dO
-            gemm_bf16_avx512(BK, t.Dp, M2 / 2, dST.data(), BQ, Qr_b, t.Dp, dka, t.Dp, true);  // dK += dS^T Q
-            gemm_bf16_avx512(M, t.Dp, BK / 2, dSb.data(), BK, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ += dS K
+            const int64_t off = bh * t.Nqp + r0;
+            gemm_bf16_avx512(BK, BQ, t.Dp / 2, kb_rows, t.Dp, 2, Qt + off * t.Dp, BQ, ST.data(), BQ, false);
+            gemm_bf16_avx512(BK, BQ, t.Dp / 2, vb_rows, t.Dp, 2, dOt + off * t.Dp, BQ, dPT.data(), BQ, false);
+            if (!t.mask.full(r0, std::min(r0 + BQ, t.Nq), j0)) t.mask.apply_t(ST.data(), r0, j0);
+            bwd_tile_t_bf16(ST.data(), dPT.data(), t.c, lse2 + off, delta + off, PT.data(), dST.data(), Z.data());
+            gemm_bf16_avx512(BK, t.Dp, BQ / 2, PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp, dva, t.Dp, true);  // dV
+            gemm_bf16_avx512(BK, t.Dp, BQ / 2, dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp, dka, t.Dp, true);  // dK
+            gemm_bf16_avx512(BQ, t.Dp, BK / 2, Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
           }
         }
       }
@@ -675,27 +744,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   }
   BwdTask t;
   t.B = B, t.Hq = Hq, t.Hkv = Hkv, t.Nq = Nq, t.Nk = Nk, t.D = D;
-  t.Dp = round_up(D, 16), t.Nqp = round_up(Nq, 2), t.Nkp = round_up(Nk, BK), t.nkb = t.Nkp / BK;
+  t.Dp = round_up(D, 16), t.Nkp = round_up(Nk, BK), t.nkb = t.Nkp / BK;
   // Chunks of key blocks per (batch, kv head): enough tasks for the threads; a function of the shape only.
   t.G = std::clamp<int64_t>((16 + B * Hkv - 1) / (B * Hkv), 1, t.nkb);
   t.mask = Mask{Nq, Nk, Nk - Nq, window_left, window_right};
   t.c = static_cast<float>(scale) * kLog2e;
   const float fscale = static_cast<float>(scale);
 
-  // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), +inf on rows that see no key (so P = 0 there).
-  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  const bool bf16_path = use_bf16_path(q);
+  // bf16 path: queries padded to whole BQ blocks; elsewhere to an even count.
+  t.Nqp = bf16_path ? round_up(Nq, BQ) : Nq;
+  // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), +inf on rows that see no key (so P = 0 there) and on
+  // padded rows.
+  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   at::Tensor lse2 = lse.to(at::kFloat) * kLog2e;
-  lse2 = at::where(at::isinf(lse2), at::full({}, kPosInf, lse2.options()), lse2).contiguous();
-  at::Tensor dq_acc = at::zeros({t.G, B, Hq, Nq, t.Dp}, q.options().dtype(at::kFloat));
+  lse2 = at::where(at::isinf(lse2), at::full({}, kPosInf, lse2.options()), lse2);
+  if (t.Nqp != Nq) {
+    delta = at::constant_pad_nd(delta, {0, t.Nqp - Nq}, 0.0);
+    lse2 = at::constant_pad_nd(lse2, {0, t.Nqp - Nq}, kPosInf);
+  }
+  delta = delta.contiguous();
+  lse2 = lse2.contiguous();
+  at::Tensor dq_acc = at::zeros({t.G, B, Hq, t.Nqp, t.Dp}, q.options().dtype(at::kFloat));
 
-  if (use_bf16_path(q)) {
+  if (bf16_path) {
     const at::Tensor Qb = padded_bf16(q, t.Nqp, t.Dp), dOb = padded_bf16(grad_out, t.Nqp, t.Dp);
-    const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb);
-    const at::Tensor Kb = padded_bf16(k, t.Nkp, t.Dp);
-    const at::Tensor Ktp = pairs_over_d(Kb), Vtp = pairs_over_d(padded_bf16(v, t.Nkp, t.Dp));
-    const at::Tensor Kr = pairs_over_rows(Kb);
-    bwd_bf16(t, Qb.const_data_ptr<bf16>(), dOb.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(),
-             dOr.const_data_ptr<bf16>(), Ktp.const_data_ptr<bf16>(), Vtp.const_data_ptr<bf16>(),
+    const at::Tensor Kb = padded_bf16(k, t.Nkp, t.Dp), Vb = padded_bf16(v, t.Nkp, t.Dp);
+    const at::Tensor Qt = pairs_over_d(Qb), dOt = pairs_over_d(dOb);  // BQ == BK: same blocking
+    const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb), Kr = pairs_over_rows(Kb);
+    bwd_bf16(t, Kb.const_data_ptr<bf16>(), Vb.const_data_ptr<bf16>(), Qt.const_data_ptr<bf16>(),
+             dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
              Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(),
              dq_acc.data_ptr<float>(), dk.data_ptr<bf16>(), dv.data_ptr<bf16>(), fscale);
   } else {
@@ -711,7 +789,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   }
   // dQ = scale * sum over chunks (fixed order) of the fp32 partials.
   at::Tensor dqf = t.G == 1 ? dq_acc[0] : dq_acc.sum(0);
-  dq.copy_(dqf.narrow(3, 0, D).mul_(fscale));
+  dq.copy_(dqf.narrow(2, 0, Nq).narrow(3, 0, D).mul_(fscale));
   return {dq, dk, dv};
 }
 

@@ -114,19 +114,22 @@ FMK_AVX512 static inline __m512 exp2_ps(__m512 x) {
 template <int MR, int NV>
 FMK_AVX512 static inline void abt_tile(int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb,
                                        float* C, int64_t ldc) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  __m512 acc[MR * NV];  // in registers: loops fully unrolled (see abt_bf16_tile)
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x) acc[x] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bt + k * ldb + 16 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_fmadd_ps(a, b[v], acc[r * NV + v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x) _mm512_storeu_ps(C + (x / NV) * ldc + 16 * (x % NV), acc[x]);
 }
 
 template <int MR>
@@ -159,19 +162,22 @@ FMK_AVX512 void gemm_abt_avx512(int64_t M, int64_t N, int64_t K, const float* A,
 template <int MR, int NV>
 FMK_AVX512 static inline void ab_tile(int64_t K, const float* A, int64_t si, int64_t sk, const float* B,
                                       int64_t ldb, float* C, int64_t ldc) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(C + r * ldc + 16 * v);
+  __m512 acc[MR * NV];
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x) acc[x] = _mm512_loadu_ps(C + (x / NV) * ldc + 16 * (x % NV));
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * si + k * sk]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_fmadd_ps(a, b[v], acc[r * NV + v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x) _mm512_storeu_ps(C + (x / NV) * ldc + 16 * (x % NV), acc[x]);
 }
 
 template <int MR>
@@ -247,21 +253,27 @@ using bf16 = c10::BFloat16;
 template <int MR, int NV>
 FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int64_t lda, int64_t lpa, const bf16* Bp,
                                                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  // Accumulators live in registers for the whole K loop (MR * NV <= 16 zmm); fully unrolled over r and v so
+  // GCC keeps them there (with arrays it split the loop and re-broadcast A once per output vector).
+  __m512 acc[MR * NV];
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x)
+    acc[x] = accumulate ? _mm512_loadu_ps(C + (x / NV) * ldc + 16 * (x % NV)) : _mm512_setzero_ps();
   for (int64_t kp = 0; kp < K2; ++kp) {
     __m512bh b[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + (kp * ldb + 16 * v) * 2);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + lpa * kp, 4);
+      std::memcpy(&pair, A + r * lda + kp * lpa, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_dpbf16_ps(acc[r * NV + v], a, b[v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+#pragma GCC unroll 16
+  for (int x = 0; x < MR * NV; ++x) _mm512_storeu_ps(C + (x / NV) * ldc + 16 * (x % NV), acc[x]);
 }
 
 template <int MR, int NVMAX>

@@ -38,6 +38,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
+constexpr float kRescale = 8.0f;  // lazy online-softmax rescale threshold (log2 units)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -210,21 +211,26 @@ FMK_AVX512 float softmax_row_avx512(float* s, int64_t n, float c, float* m, floa
     _mm512_storeu_ps(s + j, t);
     mx = _mm512_max_ps(mx, t);
   }
-  const float m_new = std::max(*m, _mm512_reduce_max_ps(mx));
-  if (m_new == kNegInf) {  // nothing visible yet on this row
-    std::fill(s, s + n, 0.0f);
-    return 1.0f;
+  // Lazy rescaling: keep the running max unless the tile's max exceeds it by more than kRescale (log2 units),
+  // so most tiles skip the output rescale; p <= 2^kRescale stays exact in fp32 and the final 1/l is unchanged.
+  const float tile_max = _mm512_reduce_max_ps(mx);
+  float alpha = 1.0f;
+  if (tile_max > *m + kRescale || *m == kNegInf) {
+    if (tile_max == kNegInf) {  // nothing visible yet on this row
+      std::fill(s, s + n, 0.0f);
+      return 1.0f;
+    }
+    alpha = std::exp2(*m - tile_max);  // 0 when *m == -inf
+    *m = tile_max;
   }
-  const __m512 vm = _mm512_set1_ps(m_new);
+  const __m512 vm = _mm512_set1_ps(*m);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
     _mm512_storeu_ps(s + j, p);
     sum = _mm512_add_ps(sum, p);
   }
-  const float alpha = std::exp2(*m - m_new);  // 0 when *m == -inf
   *l = *l * alpha + _mm512_reduce_add_ps(sum);
-  *m = m_new;
   return alpha;
 }
 
@@ -291,7 +297,7 @@ FMK_AVX512_BF16 static inline void abt_bf16_rows(int64_t N, int64_t K2, const bf
 FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
                                       const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  if (N <= 64) {
+  if (N <= 64) {  // 8 x 32 and 4 x 64 tiles measured the same here (2 cores Zen 4)
     for (; i + 8 <= M; i += 8)
       abt_bf16_rows<8, 2>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   } else {
@@ -314,21 +320,24 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
       t[v] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), vc);
       mx = _mm512_max_ps(mx, t[v]);
     }
-    const float m_new = std::max(m[i], _mm512_reduce_max_ps(mx));
-    if (m_new == kNegInf) {
-      std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
-      continue;
+    const float tile_max = _mm512_reduce_max_ps(mx);
+    float alpha = 1.0f;
+    if (tile_max > m[i] + kRescale || m[i] == kNegInf) {  // lazy rescaling, as in softmax_row_avx512
+      if (tile_max == kNegInf) {
+        std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
+        continue;
+      }
+      alpha = std::exp2(m[i] - tile_max);
+      m[i] = tile_max;
     }
-    const __m512 vm = _mm512_set1_ps(m_new);
+    const __m512 vm = _mm512_set1_ps(m[i]);
     __m512 sum = _mm512_setzero_ps();
     for (int v = 0; v < BK / 16; ++v) {
       const __m512 p = exp2_ps<4>(_mm512_sub_ps(t[v], vm));
       sum = _mm512_add_ps(sum, p);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
     }
-    const float alpha = std::exp2(m[i] - m_new);
     l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
-    m[i] = m_new;
     if (alpha != 1.0f) {
       const __m512 va = _mm512_set1_ps(alpha);
       float* o = O + i * Dp;

@@ -653,12 +653,13 @@ struct BwdTask {
 // Key blocks of chunk g: g, g + G, g + 2G, ... (interleaved so causal chunks cost about the same).
 template <typename T>
 void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* Kt, const float* Vt, const float* Kf,
-              const float* lse2, const float* delta, float* dq_acc, T* dk, T* dv, float scale) {
+              const float* lse2, const float* delta, float* dq_acc, T* dq, T* dk, T* dv, float scale) {
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BQ * BK), dP(BQ * BK), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
+    std::vector<float> dq_local(t.G == 1 ? t.Nq * t.Dp : 0);  // G == 1: a head's dQ is final after its task
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
@@ -666,6 +667,10 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
       for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
         const int64_t bh = b * t.Hq + h;
         float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nq * t.Dp;
+        if (t.G == 1) {
+          dQ = dq_local.data();
+          std::fill(dq_local.begin(), dq_local.end(), 0.0f);
+        }
         for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
           const int64_t j0 = kb * BK;
           const int64_t qlo = t.mask.qlo(j0), qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
@@ -689,6 +694,7 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
             kn.ab(M, t.Dp, BK, dP.data(), BK, 1, kfb, t.Dp, dQ + r0 * t.Dp, t.Dp);  // dQ += dS K
           }
         }
+        if (t.G == 1) store_rows(dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
       }
       for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
         const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
@@ -703,13 +709,14 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
 // row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
 // aligned to BQ (the Q^T / dO^T pair panels are blocked); padded query columns have lse2 = +inf (P = 0).
 void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
-              const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dk,
-              bf16* dv, float scale) {
+              const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dq,
+              bf16* dk, bf16* dv, float scale) {
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> ST(BK * BQ), dPT(BK * BQ), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
     std::vector<bf16> PT(BK * BQ), dST(BK * BQ), Z(BK * BQ);
+    std::vector<float> dq_local(t.G == 1 ? t.Nqp * t.Dp : 0);  // G == 1: a head's dQ is final after its task
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
@@ -717,6 +724,10 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
       for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
         const int64_t bh = b * t.Hq + h;
         float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nqp * t.Dp;
+        if (t.G == 1) {
+          dQ = dq_local.data();
+          std::fill(dq_local.begin(), dq_local.end(), 0.0f);
+        }
         for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
           const int64_t j0 = kb * BK;
           const int64_t qlo = t.mask.qlo(j0) / BQ * BQ, qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
@@ -736,6 +747,7 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
             gemm_bf16_avx512(BQ, t.Dp, BK / 2, Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
           }
         }
+        if (t.G == 1) store_rows(dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
       }
       for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
         const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
@@ -757,10 +769,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
               op, ": lse must have shape (B, Hq, Nq), got ", lse.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   at::Tensor dq = at::empty({B, Hq, Nq, D}, q.options());
-  at::Tensor dk = at::zeros({B, Hkv, Nk, D}, k.options());
-  at::Tensor dv = at::zeros({B, Hkv, Nk, D}, v.options());
+  at::Tensor dk = at::empty({B, Hkv, Nk, D}, k.options());  // every row is written
+  at::Tensor dv = at::empty({B, Hkv, Nk, D}, v.options());
   if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {
     dq.zero_();
+    dk.zero_();
+    dv.zero_();
     return {dq, dk, dv};
   }
   BwdTask t;
@@ -786,7 +800,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   }
   delta = delta.contiguous();
   lse2 = lse2.contiguous();
-  at::Tensor dq_acc = at::zeros({t.G, B, Hq, t.Nqp, t.Dp}, q.options().dtype(at::kFloat));
+  // dQ partials per key chunk (only when G > 1; with G == 1 each task writes its heads' dQ directly).
+  at::Tensor dq_acc = t.G > 1 ? at::zeros({t.G, B, Hq, t.Nqp, t.Dp}, q.options().dtype(at::kFloat)) : at::Tensor();
+  float* dq_acc_p = t.G > 1 ? dq_acc.data_ptr<float>() : nullptr;
 
   if (bf16_path) {
     const at::Tensor Qb = padded_bf16(q, t.Nqp, t.Dp), dOb = padded_bf16(grad_out, t.Nqp, t.Dp);
@@ -795,8 +811,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
     const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb), Kr = pairs_over_rows(Kb);
     bwd_bf16(t, Kb.const_data_ptr<bf16>(), Vb.const_data_ptr<bf16>(), Qt.const_data_ptr<bf16>(),
              dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
-             Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-             dq_acc.data_ptr<float>(), dk.data_ptr<bf16>(), dv.data_ptr<bf16>(), fscale);
+             Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
+             dq.data_ptr<bf16>(), dk.data_ptr<bf16>(), dv.data_ptr<bf16>(), fscale);
   } else {
     const at::Tensor Qf = padded_f32(q, Nq, t.Dp), dOf = padded_f32(grad_out, Nq, t.Dp);
     const at::Tensor Kf = padded_f32(k, t.Nkp, t.Dp);
@@ -804,13 +820,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
     FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_bwd_cpu", [&] {
       bwd_fp32<scalar_t>(t, Qf.const_data_ptr<float>(), dOf.const_data_ptr<float>(), Kt.const_data_ptr<float>(),
                          Vt.const_data_ptr<float>(), Kf.const_data_ptr<float>(), lse2.const_data_ptr<float>(),
-                         delta.const_data_ptr<float>(), dq_acc.data_ptr<float>(), dk.data_ptr<scalar_t>(),
-                         dv.data_ptr<scalar_t>(), fscale);
+                         delta.const_data_ptr<float>(), dq_acc_p, dq.data_ptr<scalar_t>(),
+                         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), fscale);
     });
   }
   // dQ = scale * sum over chunks (fixed order) of the fp32 partials.
-  at::Tensor dqf = t.G == 1 ? dq_acc[0] : dq_acc.sum(0);
-  dq.copy_(dqf.narrow(2, 0, Nq).narrow(3, 0, D).mul_(fscale));
+  if (t.G > 1) dq.copy_(dq_acc.sum(0).narrow(2, 0, Nq).narrow(3, 0, D).mul_(fscale));
   return {dq, dk, dv};
 }
 

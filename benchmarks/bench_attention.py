@@ -57,7 +57,7 @@ def _run(benchmark, impl, label, peer, dtype_name, n, d, causal, backward):
     mode = "fwd+bwd" if backward else "fwd"
     measure(
         benchmark, fn, group=f"attention {mode} {dtype_name} B{B} H{H} N{n} D{d}{' causal' if causal else ''}",
-        label=label, flops=_flops(n, d, causal, backward), peak="fp32_gflops", peer=peer, rounds=3 if n <= 1024 else 2,
+        label=label, flops=_flops(n, d, causal, backward), peak="fp32_gflops", peer=peer, rounds=5 if n <= 1024 else 3,
         params={"n": n, "d": d, "causal": causal, "dtype": dtype_name, "mode": mode},
     )
 
@@ -72,21 +72,22 @@ GRID = [
 ]
 
 
+# impl is the fastest-varying parameter, so each shape's backends and its SDPA peer run back to back (the
+# machines are shared: consecutive runs see the same load).
+@pytest.mark.parametrize("impl_name", [f"fmk-{b}" for b in BACKENDS] + ["torch SDPA"])
 @pytest.mark.parametrize("dtype_name,n,d,causal,backward", GRID)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_fmkernels(benchmark, backend, dtype_name, n, d, causal, backward):
-    if backend == "reference" and n > 1024:
+def test_attention(benchmark, impl_name, dtype_name, n, d, causal, backward):
+    if impl_name == "fmk-reference" and n > 1024:
         pytest.skip("reference: N x N fp32 scores, only up to N=1024")
+    if impl_name == "torch SDPA":
+        _run(benchmark, _sdpa, impl_name, True, dtype_name, n, d, causal, backward)
+        return
+    backend = impl_name.removeprefix("fmk-")
 
     def impl(q, k, v, causal):
         return fk.flash_attention(q, k, v, causal=causal, backend=backend)
 
-    _run(benchmark, impl, f"fmk-{backend}", False, dtype_name, n, d, causal, backward)
-
-
-@pytest.mark.parametrize("dtype_name,n,d,causal,backward", GRID)
-def test_attention_torch(benchmark, dtype_name, n, d, causal, backward):
-    _run(benchmark, _sdpa, "torch SDPA", True, dtype_name, n, d, causal, backward)
+    _run(benchmark, impl, impl_name, False, dtype_name, n, d, causal, backward)
 
 
 # ------------------------------------------------------------------ peak memory, N = 8192
@@ -119,3 +120,36 @@ def test_attention_peak_memory_n8192(benchmark, impl_name):
     )
     print(f"\n{impl_name}: peak extra memory {peak / 2**20:.1f} MiB at N={MEM_N} (one N x N fp32 score matrix "
           f"for all heads would be {nxn / 2**20:.0f} MiB; q, k, v are {3 * q.numel() * 4 / 2**20:.0f} MiB)")
+
+
+# ------------------------------------------------------------------ GPU (make gpu-check)
+
+GPU_SHAPES = [(4, 16, 2048, 128), (4, 16, 4096, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}H{}N{}D{}".format(*s))
+@pytest.mark.parametrize("impl_name", ["fmk-cuda", "fmk-triton", "torch SDPA"])
+def test_attention_gpu_bf16_fwdbwd(benchmark, impl_name, shape, causal):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    b, h, n, d = shape
+    backend = impl_name.removeprefix("fmk-")
+    if impl_name != "torch SDPA" and backend not in available_backends("flash_attention", "cuda", torch.bfloat16):
+        pytest.skip(f"{backend} not available")
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def fn():
+        q.grad = k.grad = v.grad = None
+        if impl_name == "torch SDPA":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            out = fk.flash_attention(q, k, v, causal=causal, backend=backend)
+        out.backward(do)
+        torch.cuda.synchronize()
+
+    flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * 3.5
+    measure(benchmark, fn, group=f"attention gpu fwd+bwd bf16 B{b} H{h} N{n} D{d}{' causal' if causal else ''}",
+            label=impl_name, flops=flops, peak="fp32_gflops", peer=impl_name == "torch SDPA", rounds=5)

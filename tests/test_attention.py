@@ -346,3 +346,39 @@ def test_attention_module_matches_sdpa_block():
     torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         fk.nn.Attention(64, n_heads=4, n_kv_heads=3)
+
+
+# ------------------------------------------------------------------ GPU (make gpu-check; skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Nq,Nk,D,causal,window",
+    [(2, 4, 4, 128, 128, 64, False, (-1, -1)), (1, 8, 2, 97, 130, 128, True, (-1, -1)),
+     (1, 4, 1, 1, 257, 80, False, (-1, -1)), (1, 2, 2, 200, 200, 40, False, (16, 4)),
+     (1, 2, 2, 65, 33, 256, True, (-1, -1))],
+)
+def test_gpu_backends(backend, dtype, B, Hq, Hkv, Nq, Nk, D, causal, window):
+    dev = "cuda"
+    if backend not in T.available_backends("flash_attention", dev, dtype):
+        pytest.skip(f"{backend} not available on this machine")
+    q = T.randn(B, Hq, Nq, D, dtype=dtype, device=dev, seed=1)
+    k = T.randn(B, Hkv, Nk, D, dtype=dtype, device=dev, seed=2)
+    v = T.randn(B, Hkv, Nk, D, dtype=dtype, device=dev, seed=3)
+    g = T.randn(B, Hq, Nq, D, device=dev, seed=4)
+    qk, kk, vk = (t.clone().requires_grad_(True) for t in (q, k, v))
+    qr, kr, vr = (t.float().requires_grad_(True) for t in (q, k, v))
+    qb, kb, vb = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = fk.flash_attention(qk, kk, vk, causal=causal, window_size=window, backend=backend)
+    ref = attn_ref(qr, kr, vr, causal=causal, window_size=window)
+    left, right = window[0], 0 if causal else window[1]
+    mask = attention_mask(Nq, Nk, left, right, device=dev)
+    base = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=Hq != Hkv)
+    T.assert_close_to_reference(out, ref, base.nan_to_num(0.0), name=f"{backend} out")
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    base.backward(g.to(dtype))
+    for name, a, r, b in (("dq", qk, qr, qb), ("dk", kk, kr, kb), ("dv", vk, vr, vb)):
+        T.assert_close_to_reference(a.grad, r.grad, b.grad.nan_to_num(0.0), name=f"{backend} {name}", dtype=dtype)

@@ -152,4 +152,4 @@ def test_attention_gpu_bf16_fwdbwd(benchmark, impl_name, shape, causal):
 
     flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * 3.5
     measure(benchmark, fn, group=f"attention gpu fwd+bwd bf16 B{b} H{h} N{n} D{d}{' causal' if causal else ''}",
-            label=impl_name, flops=flops, peak="fp32_gflops", peer=impl_name == "torch SDPA", rounds=5)
+            label=impl_name, flops=flops, peak="gpu_bf16_gflops", peer=impl_name == "torch SDPA", rounds=5)

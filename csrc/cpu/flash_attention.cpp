@@ -446,6 +446,28 @@ void bwd_row_portable(float* s, float* dp, int64_t n, float c, float lse2, float
   }
 }
 
+// delta[r] = sum_d dO[r][d] * O[r][d] over contiguous rows of length D (fp32 accumulation).
+template <typename T>
+FMK_AVX512 void delta_rows_avx512(const T* dO, const T* O, float* delta, int64_t r0, int64_t r1, int64_t D) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = tail_mask(D - d);
+      acc = _mm512_fmadd_ps(load16(dO + r * D + d, m), load16(O + r * D + d, m), acc);
+    }
+    delta[r] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+template <typename T>
+void delta_rows_portable(const T* dO, const T* O, float* delta, int64_t r0, int64_t r1, int64_t D) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(dO[r * D + d]) * static_cast<float>(O[r * D + d]);
+    delta[r] = acc;
+  }
+}
+
 struct Kernels {
   void (*abt)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
   void (*ab)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
@@ -796,7 +818,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   t.Nqp = bf16_path ? round_up(Nq, BQ) : Nq;
   // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), +inf on rows that see no key (so P = 0 there) and on
   // padded rows.
-  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  {
+    const at::Tensor dOc = grad_out.to(q.scalar_type()).contiguous(), Oc = out.to(q.scalar_type()).contiguous();
+    const bool avx512 = use_avx512();
+    float* dp = delta.data_ptr<float>();
+    FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_delta", [&] {
+      const scalar_t* a = dOc.const_data_ptr<scalar_t>();
+      const scalar_t* o = Oc.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B * Hq * Nq, 256, [&](int64_t r0, int64_t r1) {
+        if (avx512)
+          delta_rows_avx512<scalar_t>(a, o, dp, r0, r1, D);
+        else
+          delta_rows_portable<scalar_t>(a, o, dp, r0, r1, D);
+      });
+    });
+  }
   at::Tensor lse2 = lse.to(at::kFloat) * kLog2e;
   lse2 = at::where(at::isinf(lse2), at::full({}, kPosInf, lse2.options()), lse2);
   if (t.Nqp != Nq) {

@@ -82,7 +82,8 @@ def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
     return None
 
 
-OP = _dispatch.op("flash_attention")
+# On GPUs Triton goes first: the CUDA kernels are plain SIMT (no tensor cores) and untested on a device so far.
+OP = _dispatch.op("flash_attention", auto_order={"cuda": ("triton", "cuda", "reference")})
 OP.register(
     _dispatch.Backend("cuda", _compiled, devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",), check=_head_dim_ok)
 )

@@ -137,6 +137,21 @@ def test_llama_family_patched_matches(family):
     assert torch.equal(m(ids).logits, logits_before)
 
 
+def test_llama_bf16_autocast_is_fused():
+    """Under bf16 autocast HF's RoPE hands fp32 q/k and bf16 v to attention (SDPA casts them under autocast):
+    the fused path must do the same, not fall back."""
+    ref, m = twin(transformers.LlamaForCausalLM, llama_config())
+    report = fk.patch(m)
+    ids = torch.randint(3, 256, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_ref = m(ids).logits.float(), ref(ids).logits.float()
+    exact = ref(ids).logits
+    assert report.calls == {"attention_fused": 2}, report.calls
+    # error vs the fp32 model within 2x what plain PyTorch's bf16 autocast makes, plus a floor
+    assert (out - exact).abs().max() <= 2 * (out_ref - exact).abs().max() + 1e-2
+    fk.unpatch(m)
+
+
 def test_llama_generate_kv_cache_identical_tokens():
     ref, m = twin(transformers.LlamaForCausalLM, llama_config())
     report = fk.patch(m)

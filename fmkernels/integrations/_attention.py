@@ -45,6 +45,17 @@ MAX_HEAD_DIM = 256
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def autocast_qkv(q, k, v):
+    """Under torch.autocast, SDPA runs in the autocast dtype (it is on autocast's lower-precision list); the
+    custom op is not, so cast here. This is what makes HF Llama under bf16 autocast fused: its RoPE multiplies
+    bf16 q/k by fp32 cos/sin, so q/k arrive in fp32 and v in bf16."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = (t.to(dt) if t.is_floating_point() else t for t in (q, k, v))
+    return q, k, v
+
+
 def _kernel_reason(q, k, v) -> Optional[str]:
     """Why the fused kernel cannot take these (B, H, N, D) tensors (None when it can). Shape/dtype checks only:
     decided at trace time under torch.compile."""
@@ -83,6 +94,7 @@ def sdpa_replacement(stats, query, key, value, attn_mask=None, dropout_p=0.0, is
     elif dropout_p != 0.0:
         why = "dropout"
     else:
+        query, key, value = autocast_qkv(query, key, value)
         why = _kernel_reason(query, key, value)
         if why is None and key.shape[1] != query.shape[1] and not enable_gqa:
             why = "heads"  # SDPA would raise; let it
@@ -133,9 +145,12 @@ def _key_padding_varlen(module, query, key, value, mask, dropout, scaling, is_ca
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (causal or dropout != 0.0 or torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4
             or mask.shape[1] != 1 or mask.shape[0] != query.shape[0] or mask.shape[2] != query.shape[2]
-            or mask.shape[3] != key.shape[2] or _kernel_reason(query, key, value) is not None
+            or mask.shape[3] != key.shape[2]
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
             or kwargs.get("s_aux") is not None):
+        return None
+    query, key, value = autocast_qkv(query, key, value)
+    if _kernel_reason(query, key, value) is not None:
         return None
     keep = mask[:, 0, 0, :]  # (B, Nk)
     lengths = keep.sum(-1)  # (B,)
@@ -169,6 +184,7 @@ def make_hf_attention(hf_fallback):
                 or kwargs.get("s_aux") is not None:
             why = "unsupported_kwargs"
         else:
+            query, key, value = autocast_qkv(query, key, value)
             why = _kernel_reason(query, key, value)
         if why is not None:
             count(stats, f"attention_fallback_{why}")

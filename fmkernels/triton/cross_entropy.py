@@ -28,12 +28,11 @@ def _ce_kernel(Z, T, LOSS, V, scale, ignore_index, BLOCK: tl.constexpr):
             cols = start + tl.arange(0, BLOCK)
             z = tl.load(zr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, z)
-            acc = acc * tl.exp(tl.where(m_new == -float("inf"), 0.0, m - m_new)) + tl.where(
-                z == -float("inf"), 0.0, tl.exp(z - m_new)
-            )
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+            acc = acc * tl.exp(m - m_safe) + tl.exp(z - m_safe)
             m = m_new
         mx = tl.max(m, axis=0)
-        total = tl.sum(acc * tl.exp(tl.where(m == -float("inf"), -float("inf"), m - mx)), axis=0)
+        total = tl.sum(acc * tl.exp(m - mx), axis=0)
         lse = mx + tl.log(total)
         zt = tl.load(zr + t).to(tl.float32)
         for start in range(0, V, BLOCK):

@@ -42,8 +42,10 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 1000
-    max_time_s: Optional[float] = None  # stop after this much training time (schedule follows time then)
+    max_steps: int = 1_000_000
+    # Stop after this much training time; the lr schedule then follows time. Applies only when max_steps is not
+    # given (an explicit max_steps means a step-based, reproducible run unless max_time_s is also given).
+    max_time_s: Optional[float] = 300.0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -96,6 +98,8 @@ class TrainConfig:
                 raise ConfigError(f"config: {yaml_path} must hold a mapping of field: value")
             values.update(loaded)
         values.update(overrides or {})
+        if "max_steps" in values and "max_time_s" not in values:
+            values["max_time_s"] = None
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"config: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(cls.field_names())}")

@@ -183,6 +183,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, state, self.data.tokenizer,
                                         keep_last=self.cfg.keep_last)
             self.last_ckpt = path
+        self.last_saved_step = self.step
         self._barrier()
         return path
 
@@ -309,7 +310,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg, fsdp=info.mode == "fsdp")
         self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
         self.step, self.tokens, self.train_time, self.best_val_bpb, self.nonfinite = 0, 0, 0.0, None, 0
-        self.lr, self.last_ckpt, self.tb = cfg.lr, None, None
+        self.lr, self.last_ckpt, self.tb, self.last_saved_step = cfg.lr, None, None, None
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout stream, distinct per rank
         if cfg.resume:
             ck = ckpt.load_latest(self.out, log=self.log)
@@ -327,6 +328,7 @@ class Trainer:
                 self.train_time, self.best_val_bpb = float(st["train_time_s"]), st.get("best_val_bpb")
                 self.nonfinite = int(st.get("nonfinite_in_a_row", 0))
                 self.last_ckpt = ck["path"]
+                self.last_saved_step = self.step
                 self._truncate_csv(self.step)
                 self.log(f"resumed from {ck['path']} at step {self.step}")
         if cfg.tensorboard and info.is_main:
@@ -446,7 +448,7 @@ class Trainer:
                            stop_reason=stop_reason, exit_code=exit_code, params=n_params,
                            corpus_hash=self.data.corpus_hash)
             if exit_code == EXIT_OK:
-                if self.last_ckpt is None or not str(self.last_ckpt).endswith(f"{self.step:08d}"):
+                if self.last_saved_step != self.step:
                     self.save()
                 if cfg.final_eval:
                     t0 = time.perf_counter()

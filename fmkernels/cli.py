@@ -48,6 +48,7 @@ def _add_train_fields(s: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args) -> int:
+    from .data.corpus import CorpusError
     from .models.config import ConfigError
     from .train import train
     from .train.config import TrainConfig
@@ -55,10 +56,10 @@ def _cmd_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
     try:
         cfg = TrainConfig.build(args._config, overrides)
-    except ConfigError as e:
+        summary = train(cfg)
+    except (ConfigError, CorpusError) as e:
         print(f"fmk train: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg)
     return int(summary.get("exit_code", 0))
 
 

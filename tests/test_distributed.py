@@ -31,6 +31,8 @@ def test_two_process_training(tmp_path, small_corpus, mode, port):
     assert s["step"] == 8 and s["tokens"] == 8 * 4 * 32 * 2
     assert s["final_train_loss"] < 5.5 and s["val_bpb"] > 0
     assert f"world 2 ({mode})" in (out / "train.log").read_text()
+    if mode == "ddp":
+        return  # DDP checkpoints use the single-process state-dict path (the kill-and-resume test covers it)
     r = _torchrun([*args, "--max_steps", 10, "--resume"], port + 1)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["step"] == 10

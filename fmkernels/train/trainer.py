@@ -288,8 +288,32 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ main
+    def _check_out_dir(self) -> None:
+        """A fresh run never mixes with an old one: the default out_dir is cleared, any other must be empty."""
+        cfg = self.cfg
+        if cfg.resume or not self.info.is_main:
+            return
+        old = [p for p in (self.out / "checkpoints", self.out / "metrics.csv") if p.exists()]
+        if not old:
+            return
+        if cfg.out_dir == TrainConfig.out_dir:
+            import shutil
+
+            self.log(f"starting a fresh default run: clearing the previous one in {self.out}")
+            for p in old + [self.out / "summary.json", self.out / "train.log", self.out / "loss_curve.png"]:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            return
+        from ..models.config import ConfigError
+
+        raise ConfigError(f"config: out_dir {cfg.out_dir!r} already holds a run; pass --resume to continue it "
+                          f"or choose another out_dir")
+
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
+        self._check_out_dir()
         if info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
                                      cfg.text_field, log=self.log)

@@ -48,12 +48,13 @@ def _ce_reference(logits, target, scale, ignore_index):
     return loss
 
 
-# Rows per chunk: about 2M logits per chunk (8 MB fp32), at least 64 rows (MKL efficiency), at most T.
-_CHUNK_ELEMS = 2 * 1024 * 1024
+# Rows per chunk: about 8M logits per chunk (32 MB fp32), at least 256 rows (matmul efficiency, and fewer
+# (V, H) dW updates: in bf16 each chunk's dW product is a (V, H) fp32 temporary), at most T.
+_CHUNK_ELEMS = 8 * 1024 * 1024
 
 
 def default_chunk_size(tokens: int, vocab: int) -> int:
-    return max(1, min(tokens, max(64, _CHUNK_ELEMS // max(vocab, 1))))
+    return max(1, min(tokens, max(256, _CHUNK_ELEMS // max(vocab, 1))))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -140,7 +141,7 @@ def linear_cross_entropy(
     x: (..., H) float32/bfloat16/float16; weight: (V, H); bias: (V,) or None; target: (...) int64 class ids
     (ignore_index skipped). reduction: "mean" (over non-ignored tokens) or "sum". Returns a 0-d fp32 loss,
     differentiable in x, weight and bias. Under torch.autocast the matmuls run in the autocast dtype (the
-    softmax always in fp32). chunk_size: tokens per chunk (default: about 2M logits per chunk).
+    softmax always in fp32). chunk_size: tokens per chunk (default: about 8M logits per chunk, at least 256 tokens).
     backend: "cpu" | "triton" | "reference" forces the chunk kernel (default: fastest that fits; FMK_BACKEND).
     """
     op = "fmkernels.linear_cross_entropy"

@@ -54,7 +54,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    dtype: str = "fp32"  # "fp32" | "bf16" (autocast)
+    dtype: str = "auto"  # "auto" (bf16 autocast where bf16 matmuls are fast: AVX-512 BF16 / AMX CPUs, GPUs) | "bf16" | "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
     int8_training: bool = False  # fmkernels.quantize_(model, Int8TrainingConfig()) when available
@@ -138,8 +138,8 @@ class TrainConfig:
             bad("warmup_steps", "must be >= 0")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "must be in (0, 1)")
-        if self.dtype not in ("fp32", "bf16"):
-            bad("dtype", "must be 'fp32' or 'bf16'")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            bad("dtype", "must be 'auto', 'fp32' or 'bf16'")
         if self.tokenizer not in ("byte", "bpe"):
             bad("tokenizer", "must be 'byte' or 'bpe'")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
@@ -158,6 +158,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resolved_dtype(self) -> str:
+        """'auto' -> 'bf16' where bf16 matmuls beat fp32 (measured on the AMD Zen 4 CI machine, AVX-512 BF16:
+        2-2.7x fp32 matmul throughput), else 'fp32' (e.g. AVX-512 without BF16, where bf16 is slower)."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        try:
+            from .. import _ext
+
+            ext = _ext.cpu_ext()
+            feats = ext.cpu_features() if ext is not None else {}
+        except Exception:
+            feats = {}
+        return "bf16" if (feats.get("avx512_bf16") or feats.get("amx_bf16")) else "fp32"
 
 
 _HINTS = None

@@ -99,6 +99,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.dtype = cfg.resolved_dtype()
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -224,7 +225,7 @@ class Trainer:
         return sum_nll / max(n_tok, 1), bits_per_byte(sum_nll, n_bytes)
 
     def _autocast(self):
-        if self.cfg.dtype == "bf16":
+        if self.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         import contextlib
 
@@ -407,7 +408,7 @@ class Trainer:
             f"(dim {self.mcfg.dim}, {self.mcfg.n_layers} layers, {self.mcfg.n_heads} heads / {self.mcfg.n_kv_heads} kv, "
             f"vocab {self.mcfg.vocab_size}); corpus {cfg.corpus} hash {self.data.corpus_hash[:16]} "
             f"({len(self.data.train):,} train / {len(self.data.val):,} val tokens, {self.data.n_docs[0]}/{self.data.n_docs[1]} docs); "
-            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {cfg.dtype}"
+            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {self.dtype}"
         )
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         pbar = None

@@ -10,7 +10,7 @@ Schema of the chunk kernel (defined once, here):
   fmkernels::ce_chunk_(Tensor(a!) logits, Tensor target, float scale, int ignore_index) -> Tensor loss_rows
   logits: (C, V) contiguous fp32/bf16/fp16, overwritten with scale * d(loss)/d(logits); target: (C,) int64;
   returns (C,) fp32 per-row losses (0 where target == ignore_index).
-Implemented by csrc/cpu/cross_entropy.cpp (CPU key); Triton: fmkernels/triton/cross_entropy.py;
+Implemented by csrc/cpu/cross_entropy.cpp (CPU key) and csrc/cuda/fused_train.cu (CUDA key); Triton: fmkernels/triton/cross_entropy.py;
 reference: fmkernels/reference/cross_entropy.py (its `cross_entropy_chunk` is the reference backend's chunk).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _ce_fake(logits, target, scale, ignore_index):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
-def _ce_cpu(logits, target, scale, ignore_index):
+def _ce_cpu(logits, target, scale, ignore_index):  # also the CUDA path: the dispatcher picks by device
     return torch.ops.fmkernels.ce_chunk_(logits, target, scale, ignore_index)
 
 
@@ -117,6 +117,7 @@ def _run(kernel: Callable):
 
 
 OP = _dispatch.op("linear_cross_entropy")
+OP.register(_dispatch.Backend("cuda", _run(_ce_cpu), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",)))
 OP.register(_dispatch.Backend("triton", _run(_ce_triton), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",)))
 OP.register(_dispatch.Backend("cpu", _run(_ce_cpu), devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
 OP.register(_dispatch.Backend("reference", _run(_ce_reference), devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))

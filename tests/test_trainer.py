@@ -249,3 +249,23 @@ class TestData:
         assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
         r0, r1 = BatchSampler(stdlib_bytes, 16, 4, 3, 0, 2), BatchSampler(stdlib_bytes, 16, 4, 3, 1, 2)
         assert r0.hi <= r1.lo + 1
+
+
+def test_int8_training_and_sparsity_switches(tmp_path, small_corpus, capsys):
+    import fmkernels as fk
+
+    try:
+        fk.Int8TrainingConfig
+    except AttributeError:
+        pytest.skip("this build has no Int8TrainingConfig")
+    out = tmp_path / "int8"
+    rc, text = cli(capsys, "train", *TINY, "--corpus", small_corpus, "--max_steps", 3, "--out_dir", out,
+                   "--int8_training", "true", "--final_eval", "false")
+    assert rc == 0, text
+    assert np.isfinite(_summary(out)["final_train_loss"])
+    try:
+        fk.sparsify_
+    except AttributeError:
+        rc, text = cli(capsys, "train", *TINY, "--corpus", small_corpus, "--max_steps", 1, "--sparsity", "2:4",
+                       "--out_dir", tmp_path / "sp")
+        assert rc == 2 and "sparsity" in text

@@ -166,6 +166,8 @@ def _bsr_triton(x, blocks, row_ptr, col_idx, bias):
 
 
 def _needs_sm80(q: _dispatch.Query) -> Optional[str]:
+    if len(q.shape) == 3 and q.shape[2] % 32:
+        return f"K={q.shape[2]} is not a multiple of 32 (mma.sp k32 steps)"
     if q.device == "cuda" and torch.cuda.is_available():
         major, _ = torch.cuda.get_device_capability()
         if major < 8:

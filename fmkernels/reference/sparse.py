@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import torch
 
-_SHIFTS = torch.arange(16, dtype=torch.int64) * 2
 
 
 def sparse24_columns(meta: torch.Tensor, K: int) -> torch.Tensor:
     """(N, K/2) int64: the W column of every kept value."""
     N = meta.shape[0]
     words = meta.to(torch.int64) & 0xFFFFFFFF  # (N, W)
-    pos = (words.unsqueeze(-1) >> _SHIFTS.to(meta.device)) & 3  # (N, W, 16)
+    pos = (words.unsqueeze(-1) >> (2 * torch.arange(16, dtype=torch.int64, device=meta.device))) & 3  # (N, W, 16)
     pos = pos.reshape(N, -1)[:, : K // 2]
     j = torch.arange(K // 2, device=meta.device)
     return 4 * (j // 2) + pos
@@ -34,7 +33,7 @@ def pack_meta(pos: torch.Tensor) -> torch.Tensor:
     nw = (half + 15) // 16
     p = torch.zeros(N, nw * 16, dtype=torch.int64, device=pos.device)
     p[:, :half] = pos.to(torch.int64)
-    words = (p.view(N, nw, 16) << _SHIFTS.to(pos.device)).sum(-1)  # < 2**32
+    words = (p.view(N, nw, 16) << (2 * torch.arange(16, dtype=torch.int64, device=pos.device))).sum(-1)  # < 2**32
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
 

@@ -405,26 +405,47 @@ def bsr_mm(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx
 
 # ---------------------------------------------------------------- shape-aware dispatch: sparse or dense
 
-# Measured on this machine kind (2 cores Zen 4 AVX-512, OMP_WAIT_POLICY=PASSIVE, N = K = 4096) by
-# benchmarks/bench_sparse.py; each entry: (largest M for which the sparse kernel beat dense nn.Linear).
-# Filled from benchmarks/results/sparse_cpu.json, which tests/test_sparse_dispatch.py checks it against.
-_CPU_TABLE = {
-    ("2:4", torch.float32): 0,
-    ("2:4", torch.bfloat16): 0,
-    ("2:4", torch.float16): 0,
+# Measured on this machine kind (2 shared cores Zen 4 AVX-512, OMP_WAIT_POLICY=PASSIVE, N = K = 4096) with
+# `python benchmarks/bench_sparse.py --out benchmarks/results/sparse_cpu.json` (dense and sparse interleaved).
+# M buckets: M <= 1, <= 16, <= 64, <= 256, > 256 (the benchmark's M = 1, 16, 64, 256, 2048); each entry says
+# which path was faster at the bucket's measured M. tests/test_sparse_dispatch.py checks this table against
+# the committed results, so the plan never picks the path the benchmark showed slower.
+M_BUCKETS = (1, 16, 64, 256)
+_CPU_24 = {
+    torch.float32: ("sparse", "sparse", "dense", "dense", "dense"),
+    torch.bfloat16: ("sparse", "dense", "dense", "dense", "dense"),
 }
-# BSR: the kernel visits density * K columns per output; sparse wins when density <= the entry, by M bucket.
-_CPU_BSR_MAX_DENSITY = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 0.0}
+# BSR (block 32, fp32): per measured sparsity level, the same M buckets. A layer uses the row of the
+# smallest measured sparsity >= its own (conservative: denser layers are slower).
+_CPU_BSR = {
+    0.5: ("dense", "dense", "dense", "dense", "dense"),
+    0.8: ("sparse", "sparse", "sparse", "sparse", "sparse"),
+    0.9: ("sparse", "sparse", "sparse", "sparse", "sparse"),
+}
+
+
+def _bucket(M: int) -> int:
+    for i, edge in enumerate(M_BUCKETS):
+        if M <= edge:
+            return i
+    return len(M_BUCKETS)
 
 
 def sparse24_plan(M: int, N: int, K: int, dtype: torch.dtype, device: str) -> str:
-    """'sparse' or 'dense': which path is faster for y = x @ W^T with a 2:4 W of shape (N, K) and M rows."""
+    """'sparse' or 'dense': which path is faster for y = x @ W^T with a 2:4 W of shape (N, K) and M rows.
+    CPU: the measured table (dtypes not measured go dense); GPU: sparse (mma.sp / Triton)."""
     if device == "cpu":
-        return "sparse" if M <= _CPU_TABLE.get(("2:4", dtype), 0) else "dense"
+        row = _CPU_24.get(dtype)
+        return row[_bucket(M)] if row is not None else "dense"
     return "sparse"
 
 
 def bsr_plan(M: int, N: int, K: int, density: float, dtype: torch.dtype, device: str) -> str:
+    """'sparse' or 'dense' for a block-sparse W keeping `density` of its blocks."""
     if device == "cpu":
-        return "sparse" if density <= _CPU_BSR_MAX_DENSITY.get(dtype, 0.0) else "dense"
+        sparsity = 1.0 - density
+        levels = sorted(lv for lv in _CPU_BSR if lv <= sparsity + 1e-9)
+        if dtype != torch.float32 or not levels:
+            return "dense"
+        return _CPU_BSR[levels[-1]][_bucket(M)]
     return "sparse"

@@ -152,10 +152,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--kinds", default="", help="comma-separated subset, e.g. bsr32-50%%,bsr32-90%%")
+    ap.add_argument("--merge", action="store_true", help="add/replace these rows in an existing --out file")
     a = ap.parse_args()
+    kinds = set(filter(None, a.kinds.split(",")))
     rows = []
     print(f"{'case':<16}{'dtype':<6}{'M':>6}{'dense ms':>11}{'sparse ms':>11}{'speedup':>9}{'  auto path'}")
     for kind, dname, M, dense, sparse, auto, flops in _all_cases():
+        if kinds and kind not in kinds:
+            continue
         reps = max(3, a.reps // (3 if M >= 2048 else 1))
         td, ts = _interleaved(dense, sparse, reps)
         path = ""
@@ -163,8 +168,13 @@ def main():
             auto()
             path = auto.__defaults__[-1].last_path
         rows.append({"kind": kind, "dtype": dname, "M": M, "N": N, "K": K, "dense_s": td, "sparse_s": ts,
-                     "speedup": td / ts, "auto_path": path})
+                     "speedup": td / ts})
         print(f"{kind:<16}{dname:<6}{M:>6}{td * 1e3:>11.2f}{ts * 1e3:>11.2f}{td / ts:>8.2f}x  {path}", flush=True)
+    if a.out and a.merge and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)["rows"]
+        keys = {(r["kind"], r["dtype"], r["M"]) for r in rows}
+        rows = [r for r in old if (r["kind"], r["dtype"], r["M"]) not in keys] + rows
     if a.out:
         info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -316,3 +316,25 @@ class TestBadInput:
         v, m = _w24(8, 64)
         with pytest.raises(fk.BackendError, match=r"runs on cuda tensors, got cpu"):
             fk.sparse24_mm(torch.ones(2, 64), v, m, backend="cuda")
+
+
+# ---------------------------------------------------------------- GPU (skipped without a CUDA device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (7, 200, 4096), (1025, 96, 320)])
+def test_gpu_sparse24_and_bsr_match_reference(backend, dtype, M, N, K):
+    if backend not in T.available_backends("sparse24_mm", "cuda", dtype, (M, N, K)):
+        pytest.skip(f"{backend} not available on this GPU build")
+    v, m = _w24(N, K, dtype, seed=M)
+    x = T.randn(M, K, dtype=dtype, seed=M).cuda()
+    v, m = v.cuda(), m.cuda()
+    ref = R.sparse24_mm(x.float(), v.float(), m)
+    base = torch.nn.functional.linear(x, fk.decompress_24(v, m))
+    T.assert_close_to_reference(fk.sparse24_mm(x, v, m, backend=backend), ref, base, name=f"{backend} 2:4")
+    blocks, rp, ci = (t.cuda() for t in _bsr(64, K, 32, 0.3, dtype, seed=M))
+    ref = R.bsr_mm(x.float(), blocks.float(), rp, ci)
+    base = torch.nn.functional.linear(x, fk.decompress_bsr(blocks, rp, ci, K))
+    T.assert_close_to_reference(fk.bsr_mm(x, blocks, rp, ci, backend=backend), ref, base, name=f"{backend} bsr")

@@ -21,6 +21,27 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _guess_cuda_home() -> None:
+    """torch derives CUDA_HOME from `which nvcc`; when nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc
+    exec-ing /usr/local/cuda-X/bin/nvcc) that guess has no headers. Point CUDA_HOME at the real toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    cands = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        if os.path.getsize(nvcc) < 4096:
+            with open(nvcc, errors="ignore") as f:
+                cands += [os.path.dirname(os.path.dirname(t)) for t in f.read().split() if t.endswith("/bin/nvcc")]
+    except OSError:
+        pass
+    for home in cands:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _want_cuda(torch_mod) -> bool:
     if _env_flag("FMK_SKIP_CUDA"):
         return False
@@ -33,6 +54,7 @@ def _want_cuda(torch_mod) -> bool:
 
 
 def _extensions():
+    _guess_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

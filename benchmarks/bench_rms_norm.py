@@ -55,3 +55,40 @@ def test_rms_norm_fmkernels(benchmark, backend, dtype_name, backward):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_rms_norm_torch(benchmark, dtype_name, backward):
     _run(benchmark, dtype_name, lambda x, w: F.rms_norm(x, (HIDDEN,), w, 1e-6), "torch F.rms_norm", True, backward)
+
+
+GPU_BACKENDS = ("cuda", "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("impl_name", [*GPU_BACKENDS, "torch"])
+def test_rms_norm_gpu(benchmark, impl_name, dtype_name, backward):
+    """Same shapes on a CUDA device; the Liger-class target is >= 85% of HBM bandwidth."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dtype = DTYPES[dtype_name]
+    if impl_name != "torch" and impl_name not in available_backends("rms_norm", "cuda", dtype):
+        pytest.skip(f"{impl_name} not available")
+    x = torch.randn(ROWS * 4, HIDDEN, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(HIDDEN, dtype=dtype, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    if impl_name == "torch":
+        impl = lambda a, b: F.rms_norm(a, (HIDDEN,), b, 1e-6)  # noqa: E731
+    else:
+        impl = lambda a, b: fk.rms_norm(a, b, backend=impl_name)  # noqa: E731
+
+    def fn():
+        if backward:
+            x.grad = w.grad = None
+            impl(x, w).backward(g)
+        else:
+            with torch.no_grad():
+                impl(x, w)
+        torch.cuda.synchronize()
+
+    passes = 5 if backward else 2
+    measure(benchmark, fn, group=f"gpu rms_norm {'fwd+bwd' if backward else 'fwd'} {dtype_name} {ROWS * 4}x{HIDDEN}",
+            label=f"fmk-{impl_name}" if impl_name != "torch" else "torch F.rms_norm",
+            nbytes=passes * x.numel() * x.element_size(), peak="gpu_mem_gbs", peer=impl_name == "torch", rounds=20)

@@ -64,7 +64,21 @@ def peaks() -> dict:
         b.copy_(a)
         best = min(best, time.perf_counter() - t)
     gbs = 2 * a.numel() * 4 / best / 1e9
-    return {"fp32_gflops": fp32, "bf16_gflops": 2 * fp32, "int8_gops": 4 * fp32, "mem_gbs": gbs}
+    out = {"fp32_gflops": fp32, "bf16_gflops": 2 * fp32, "int8_gops": 4 * fp32, "mem_gbs": gbs}
+    if torch.cuda.is_available():  # device copy bandwidth (H200 datasheet: 4.8 TB/s)
+        ga = torch.empty(256 * 1024 * 1024, device="cuda")
+        gb = torch.empty_like(ga)
+        gb.copy_(ga)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            gb.copy_(ga)
+        end.record()
+        torch.cuda.synchronize()
+        out["gpu_mem_gbs"] = 10 * 2 * ga.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
+        del ga, gb
+    return out
 
 
 def measure(

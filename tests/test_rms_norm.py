@@ -207,3 +207,24 @@ def test_auto_dispatch_prefers_cpu_kernel():
     q = fk._dispatch.Query(device="cpu", dtype=torch.float32)
     expected = "cpu" if fk._ext.has_cpu_ext() else "reference"
     assert fk._dispatch.OPS["rms_norm"].select(q).name == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 8), (1025, 96), (97, 4097), (4096, 4096)])
+def test_rms_norm_gpu_backends(backend, dtype, rows, hidden):
+    if backend not in T.available_backends("rms_norm", "cuda", dtype):
+        pytest.skip(f"{backend} backend not available on CUDA")
+    x = T.randn(rows, hidden, dtype=dtype, device="cuda", seed=rows) * 3
+    w = T.randn(hidden, dtype=dtype, device="cuda", seed=1)
+    xk, wk = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xr, wr = x.float().clone().requires_grad_(True), w.float().clone().requires_grad_(True)
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out, ref, base = fk.rms_norm(xk, wk, backend=backend), rms_ref(xr, wr), _baseline(xb, wb, 1e-6)
+    T.assert_close_to_reference(out, ref, base, name=f"{backend} y")
+    g = torch.randn_like(ref)
+    for t, gg in ((out, g.to(dtype)), (ref, g), (base, g.to(dtype))):
+        t.backward(gg)
+    T.assert_close_to_reference(xk.grad, xr.grad, xb.grad, name=f"{backend} dx", dtype=dtype)
+    T.assert_close_to_reference(wk.grad, wr.grad, wb.grad, name=f"{backend} dw", dtype=dtype)

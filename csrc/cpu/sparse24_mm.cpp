@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -87,10 +88,64 @@ FMK_AVX512 void stream_rows(const T* x, const T* vals, const int32_t* meta, floa
   }
 }
 
+// Row pairs with a single-source permute: a 16-column chunk of x (one zmm) holds the sources of 8 kept values of
+// row n and 8 of row n + 1; lanes 0-7 of v / idx / acc belong to row n, lanes 8-15 to row n + 1. vpermps (one
+// source) instead of vpermt2ps (two) per FMA.
+template <typename T, int MR, int NP>
+FMK_AVX512 void stream_pair_tile(const T* x, const T* vals, const int32_t* meta, float* y, int64_t m0, int64_t n0,
+                                 int64_t K, int64_t N, int64_t ldx) {
+  const int64_t half = K / 2, nw = (K + 31) / 32;
+  const __m512i sh_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i sh_odd = _mm512_add_epi32(sh_even, _mm512_set1_epi32(16));
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+  const int64_t nc = (K + 15) / 16;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t k0 = c * 16;
+    const int64_t kv = std::min<int64_t>(16, K - k0), jv = kv / 2;
+    const __mmask16 mx = tail_mask(kv), mv = tail_mask(jv);
+    __m512 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = kv == 16 ? load16(x + (m0 + i) * ldx + k0) : load16(x + (m0 + i) * ldx + k0, mx);
+    for (int p = 0; p < NP; ++p) {
+      const int64_t na = n0 + 2 * p, nb = na + 1;
+      const __m512 va = load16(vals + na * half + c * 8, mv);
+      const __m512 vb = load16(vals + nb * half + c * 8, mv);
+      const __m512 v = _mm512_shuffle_f32x4(va, vb, 0x44);  // lanes 0-7 row na, 8-15 row nb
+      const __m512i words = _mm512_mask_set1_epi32(_mm512_set1_epi32(meta[na * nw + (c >> 1)]), 0xFF00,
+                                                   meta[nb * nw + (c >> 1)]);
+      const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(words, (c & 1) ? sh_odd : sh_even), three, base, 0xEA);
+      for (int i = 0; i < MR; ++i) acc[i][p] = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(idx, xv[i]), acc[i][p]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int p = 0; p < NP; ++p) {
+      y[(m0 + i) * N + n0 + 2 * p] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0x00FF, acc[i][p]));
+      y[(m0 + i) * N + n0 + 2 * p + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, acc[i][p]));
+    }
+}
+
+template <typename T>
+FMK_AVX512 void stream_pair_rows(const T* x, const T* vals, const int32_t* meta, float* y, int64_t M, int64_t n0,
+                                 int64_t K, int64_t N, int64_t ldx) {  // rows n0 .. n0 + 3
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) stream_pair_tile<T, 4, 2>(x, vals, meta, y, m, n0, K, N, ldx);
+  switch (M - m) {
+    case 3: stream_pair_tile<T, 3, 2>(x, vals, meta, y, m, n0, K, N, ldx); break;
+    case 2: stream_pair_tile<T, 2, 2>(x, vals, meta, y, m, n0, K, N, ldx); break;
+    case 1: stream_pair_tile<T, 1, 2>(x, vals, meta, y, m, n0, K, N, ldx); break;
+    default: break;
+  }
+}
+
 template <typename T>
 FMK_AVX512 void stream_kernel(const T* x, const T* vals, const int32_t* meta, float* y, int64_t M, int64_t n0,
                               int64_t n1, int64_t K, int64_t N, int64_t ldx) {
   int64_t n = n0;
+  if (std::getenv("FMK_SPARSE24_PAIRS") == nullptr || std::string(std::getenv("FMK_SPARSE24_PAIRS")) != "0")
+    for (; n + 4 <= n1; n += 4) stream_pair_rows<T>(x, vals, meta, y, M, n, K, N, ldx);
   for (; n + 4 <= n1; n += 4) stream_rows<T, 4>(x, vals, meta, y, M, n, K, N, ldx);
   for (; n < n1; ++n) stream_rows<T, 1>(x, vals, meta, y, M, n, K, N, ldx);
 }

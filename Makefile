@@ -10,8 +10,9 @@ TORCH_VERSION  ?= 2.13.0
 TRITON_VERSION ?= 3.7.1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-DEPS_STAMP  := $(VENV)/.stamp-deps
-BUILD_STAMP := $(VENV)/.stamp-build
+DEPS_STAMP     := $(VENV)/.stamp-deps
+EDITABLE_STAMP := $(VENV)/.stamp-editable
+BUILD_STAMP    := $(VENV)/.stamp-build
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: all venv build test test-reference train bench info gpu-check clean
@@ -28,8 +29,14 @@ $(DEPS_STAMP): pyproject.toml
 
 venv: $(DEPS_STAMP)
 
-$(BUILD_STAMP): $(DEPS_STAMP) $(CSRC) setup.py
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation --no-deps -e .
+# The package is installed editable once (Python files only); the C++ extension is then built in place by
+# ninja under build/, so later runs recompile only the sources that changed.
+$(EDITABLE_STAMP): $(DEPS_STAMP) pyproject.toml setup.py
+	FMK_BUILD_EXT=0 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(BUILD_STAMP): $(EDITABLE_STAMP) $(CSRC) setup.py
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 build: $(BUILD_STAMP)
@@ -55,4 +62,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info fmkernels/*.so $(BUILD_STAMP)
+	rm -rf build *.egg-info fmkernels/*.so $(BUILD_STAMP) $(EDITABLE_STAMP)

@@ -5,7 +5,10 @@ Rules (see README "Building"):
 - never `-std=...` (torch picks C++20) and never `-march=native`: AVX-512 code uses per-function
   `__attribute__((target(...)))` and is chosen at run time from CPUID, so a wheel built here runs anywhere;
 - the CUDA extension is built when torch has CUDA and nvcc is found, or when FMK_FORCE_CUDA=1;
-  FMK_SKIP_CUDA=1 skips it; MAX_JOBS is honoured by torch's BuildExtension (ninja).
+  FMK_SKIP_CUDA=1 skips it; MAX_JOBS is honoured by torch's BuildExtension (ninja);
+- FMK_BUILD_EXT=0 installs the Python package alone: the Makefile does `pip install -e .` that way once and
+  then `setup.py build_ext --inplace`, whose ninja build in build/ recompiles only the files that changed
+  (a PEP 660 editable build compiles in a fresh temp dir every time).
 """
 import glob
 import os
@@ -54,6 +57,8 @@ def _want_cuda(torch_mod) -> bool:
 
 
 def _extensions():
+    if os.environ.get("FMK_BUILD_EXT", "1") == "0":  # Makefile: editable install of the Python package only
+        return [], {}
     _guess_cuda_home()
     try:
         import torch

@@ -102,6 +102,8 @@ class Op:
 
     name: str
     backends: dict[str, Backend] = field(default_factory=dict)
+    # Per-device automatic order overriding AUTO_ORDER, for ops whose measured ranking differs.
+    auto_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKEND_NAMES:
@@ -125,7 +127,8 @@ def _select_name(op: Op, q: Query, explicit: Optional[str], env: Optional[str]) 
     if env is not None and env not in BACKEND_NAMES:
         raise BackendError(f"FMK_BACKEND={env!r} is not a backend; expected one of {', '.join(BACKEND_NAMES)}")
     reasons = {}
-    order = AUTO_ORDER.get("cpu" if q.device == "meta" else q.device, BACKEND_NAMES)
+    dev = "cpu" if q.device == "meta" else q.device
+    order = op.auto_order.get(dev) or AUTO_ORDER.get(dev, BACKEND_NAMES)
     for name in order:
         b = op.backends.get(name)
         if b is None:
@@ -161,8 +164,10 @@ def _format(reasons: dict, op: Op, q: Query) -> str:
 OPS: dict[str, Op] = {}
 
 
-def op(name: str) -> Op:
+def op(name: str, auto_order: Optional[dict[str, tuple[str, ...]]] = None) -> Op:
     """The registry entry for `name`, created on first use."""
     if name not in OPS:
         OPS[name] = Op(name)
+    if auto_order:
+        OPS[name].auto_order.update(auto_order)
     return OPS[name]

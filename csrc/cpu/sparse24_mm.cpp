@@ -2,9 +2,12 @@
 // int32 (N, ceil(K/32)) (2-bit in-group positions, 16 per word; layout in fmkernels/reference/sparse.py).
 //
 // Two AVX-512 kernels, picked by M (rows of x):
-//  - "stream" (small M, memory-bound): walks W row by row; per 16 kept values one meta word becomes the
-//    16-lane index (srlv + ternlog) that permutes (vpermt2ps) the 32 activations they came from; the FMA
-//    accumulates 16 partial dot products per (m, n). W is read once as K/2 values + K/8 bytes of meta.
+//  - "stream" (M <= 128): walks W rows in pairs; for each 16 columns of x (one zmm) the 8 kept values of row n
+//    and the 8 of row n+1 share a vpermps (single source) whose index comes from the two meta words (srlv +
+//    ternlog); lanes 0-7 accumulate row n, 8-15 row n+1. (Single-row fallback for odd rows: vpermt2ps over 32
+//    columns.) Measured 1.03-1.29x dense at M = 64, 1.5-1.8x at M = 1, 2-3.6x at M = 16 (N = K = 4096, 2 cores).
+//    W is read once per 4 rows of x as K/2 values + K/8 bytes of meta. FMK_SPARSE24_PAIRS=0 selects the
+//    single-row vpermt2ps variant for every row (benchmark knob); FMK_SPARSE24_KERNEL=stream|outer forces one.
 //  - "outer" (larger M, compute-bound): x is packed once as x^T panels (K, 64 rows of x); each kept value
 //    is broadcast and multiplied into the 64-row panel row of its column (4 FMAs with a memory operand per
 //    kept value, no shuffles). Half the FMAs of the dense product.

@@ -1,0 +1,113 @@
+// Shared pieces of the quantized CPU kernels (int8_mm.cpp, int4_mm.cpp): dynamic per-row activation
+// quantization into the unsigned/signed byte layouts the VNNI micro-kernels read.
+//
+// Quantization rule (identical to fmkernels/reference/quant.py::quantize_per_row, bit for bit):
+//   amax = max |x[r, :]|  (fp32);  scale = amax / 127;  inv = amax > 0 ? 127 / amax : 0
+//   q = clamp(round_half_even(x * inv), -127, 127)
+// Optional second term (act_terms == 2, "A16" for int4): the residual x - q * scale is quantized again with
+// scale2 = scale / 254, giving ~15 effective activation bits from two int8 rows.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/vec.h"
+
+namespace fmk::cpu::quant {
+
+constexpr float kQMax = 127.0f;
+constexpr float kLoDiv = 254.0f;  // second-term scale divisor
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- portable
+
+template <typename T>
+static inline float row_amax_portable(const T* x, int64_t K) {
+  float m = 0.f;
+  for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(static_cast<float>(x[k])));
+  return m;
+}
+
+static inline int32_t round_clamp(float v) {
+  float r = std::nearbyint(v);  // default rounding mode: half to even (as torch.round)
+  r = std::min(std::max(r, -kQMax), kQMax);
+  return static_cast<int32_t>(r);
+}
+
+// Quantize one row; writes q + offset (offset 128 -> unsigned bytes for vpdpbusd, 0 -> signed bytes).
+// If lo != nullptr, also the residual term (same offset). Returns scale (and *scale_lo).
+template <typename T>
+static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo, float* scale_lo) {
+  const float amax = row_amax_portable(x, K);
+  const float scale = amax / kQMax;
+  const float inv = amax > 0.f ? kQMax / amax : 0.f;
+  const float scale2 = scale / kLoDiv;
+  const float inv2 = amax > 0.f ? kQMax * kLoDiv / amax : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = static_cast<float>(x[k]);
+    const int32_t qi = round_clamp(v * inv);
+    q[k] = static_cast<uint8_t>(qi + offset);
+    if (lo) {
+      const volatile float prod = static_cast<float>(qi) * scale;  // no FMA contraction: match the reference
+      const float r = v - prod;
+      lo[k] = static_cast<uint8_t>(round_clamp(r * inv2) + offset);
+    }
+  }
+  if (scale_lo) *scale_lo = scale2;
+  return scale;
+}
+
+// ---------------------------------------------------------------- AVX-512
+
+template <typename T>
+FMK_AVX512 static inline float row_amax_avx512(const T* x, int64_t K) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + k)));
+  if (k < K) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + k, tail_mask(K - k))));
+  return _mm512_reduce_max_ps(m);
+}
+
+FMK_AVX512 static inline __m512i round_clamp16(__m512 v) {
+  __m512i q = _mm512_cvtps_epi32(v);  // MXCSR default: round to nearest even
+  q = _mm512_max_epi32(q, _mm512_set1_epi32(-127));
+  return _mm512_min_epi32(q, _mm512_set1_epi32(127));
+}
+
+template <typename T>
+FMK_AVX512 static inline float quant_row_avx512(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo,
+                                                float* scale_lo) {
+  const float amax = row_amax_avx512(x, K);
+  const float scale = amax / kQMax;
+  const float inv = amax > 0.f ? kQMax / amax : 0.f;
+  const float scale2 = scale / kLoDiv;
+  const float inv2 = amax > 0.f ? kQMax * kLoDiv / amax : 0.f;
+  const __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(scale), vinv2 = _mm512_set1_ps(inv2);
+  const __m512i voff = _mm512_set1_epi32(offset);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(K - k);
+    const __m512 v = load16(x + k, m);
+    const __m512i qi = round_clamp16(_mm512_mul_ps(v, vinv));
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(qi, voff)));
+    if (lo) {
+      // residual = v - q * scale, rounded twice (mul, then sub) like the reference: keep them separate
+      __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(qi), vs);
+      __asm__("" : "+v"(prod));  // barrier against FMA contraction
+      const __m512 r = _mm512_sub_ps(v, prod);
+      const __m512i li = round_clamp16(_mm512_mul_ps(r, vinv2));
+      _mm_mask_storeu_epi8(lo + k, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(li, voff)));
+    }
+  }
+  if (scale_lo) *scale_lo = scale2;
+  return scale;
+}
+
+template <typename T>
+static inline float quant_row(bool avx512, const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo = nullptr,
+                              float* scale_lo = nullptr) {
+  return avx512 ? quant_row_avx512(x, K, q, offset, lo, scale_lo) : quant_row_portable(x, K, q, offset, lo, scale_lo);
+}
+
+}  // namespace fmk::cpu::quant

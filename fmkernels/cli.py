@@ -1,4 +1,12 @@
-"""The `fmk` command: fmk info | bench | train (more subcommands arrive with the trainer)."""
+"""The `fmk` command: fmk train | eval | generate | info | bench.
+
+    fmk train                                   # the default run (what `make train` does)
+    fmk train --preset tiny --max_steps 50 --out_dir DIR
+    fmk train --preset tiny --max_steps 50 --out_dir DIR --resume    # continue from DIR's last checkpoint
+    fmk train --config run.yaml --lr 1e-3       # YAML file, then command-line overrides of any field
+    fmk eval --checkpoint DIR
+    fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
+"""
 from __future__ import annotations
 
 import argparse
@@ -25,10 +33,55 @@ def _cmd_bench(args) -> int:
     return run_benchmarks(out_dir=args.out_dir, select=args.k, quick=args.quick, extra=args.pytest_args)
 
 
-def _cmd_train(args) -> int:
-    from .demo import run_demo
+def _add_train_fields(s: argparse.ArgumentParser) -> None:
+    from .train.config import TrainConfig, _hints
 
-    return run_demo(steps=args.max_steps)
+    s.add_argument("--config", dest="_config", default=None, help="YAML file of field: value (flat)")
+    g = s.add_argument_group("fields (any TrainConfig field; see fmkernels/train/config.py)")
+    for name in TrainConfig.field_names():
+        hint = _hints()[name]
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if hint is bool:
+            g.add_argument(*flags, dest=name, nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL")
+        else:
+            g.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper())
+
+
+def _cmd_train(args) -> int:
+    from .data.corpus import CorpusError
+    from .models.config import ConfigError
+    from .train import train
+    from .train.config import TrainConfig
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    try:
+        cfg = TrainConfig.build(args._config, overrides)
+        summary = train(cfg)
+    except (ConfigError, CorpusError) as e:
+        print(f"fmk train: {e}", file=sys.stderr)
+        return 2
+    return int(summary.get("exit_code", 0))
+
+
+def _cmd_eval(args) -> int:
+    from .train.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
+                            batch_size=args.batch_size)
+    print(json.dumps(r, indent=1) if args.json else
+          f"{r['checkpoint']} (step {r['step']}): validation loss {r['val_loss']:.4f}, "
+          f"{r['val_bpb']:.4f} bits per byte over {r['tokens']:,} tokens / {r['bytes']:,} bytes of {r['corpus']}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .train.evaluate import load_model
+    from .train.generate import generate
+
+    model, tok, _ = load_model(args.checkpoint)
+    text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
+    print(args.prompt + text)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments after --")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("train", help="train a model (until the trainer lands: a short RMSNorm demo)")
-    s.add_argument("--max_steps", "--max-steps", type=int, default=200)
+    s = sub.add_parser("train", help="pretrain a transformer (default: the embedded stdlib corpus, 5 minutes)")
+    _add_train_fields(s)
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--corpus", default=None, help="default: the corpus the checkpoint was trained on")
+    s.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
+    s.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("generate", help="sample text from a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top_k", "--top-k", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_generate)
     return p
 
 

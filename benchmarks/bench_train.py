@@ -1,0 +1,188 @@
+"""Training-step benchmark: fmkernels Transformer vs the same architecture in plain PyTorch (PlainTransformer:
+nn.Linear, F.scaled_dot_product_attention, F.cross_entropy), fp32 and bf16 autocast, side by side in one run.
+
+Speed: both models (same init, same batch) live in one process and their steps ALTERNATE (fmk, plain, fmk,
+plain ...), so a noisy neighbour on this shared machine hits both alike; tokens/s from the median step time.
+Memory: each (model, dtype, vocab) point runs 3 steps in its own subprocess; peak memory = max RSS during the
+steps minus RSS before the first step (activations + gradients + optimizer state + logits). Quote ratios.
+
+    .venv/bin/python benchmarks/bench_train.py                 # anchor config + vocab 32768 memory check
+    .venv/bin/python benchmarks/bench_train.py --quick         # fewer steps
+Writes bench-results/bench_train.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int,
+              steps: int) -> dict:
+    import torch
+
+    from fmkernels.models import PlainTransformer, Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
+    model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, vocab, (batch, seq))
+    y = torch.randint(0, vocab, (batch, seq))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
+
+    def step():
+        if ctx is None:
+            loss = model(x, y)
+        else:
+            with ctx():
+                loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    rss0 = _rss_bytes()
+    max0 = _hwm_bytes()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = _hwm_bytes()
+    med = statistics.median(times)
+    return dict(impl=impl, dtype=dtype, vocab=vocab, params=sum(p.numel() for p in model.parameters()),
+                step_s=med, tokens_per_s=batch * seq / med, peak_mem_mb=(max(peak, max0) - rss0) / 2**20,
+                threads=torch.get_num_threads())
+
+
+def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int, steps: int) -> dict:
+    import torch
+
+    from fmkernels.models import PlainTransformer, Transformer, TransformerConfig, fmk_to_plain_state_dict
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
+    fm = Transformer(cfg)
+    pl = PlainTransformer(cfg)
+    pl.load_state_dict(fmk_to_plain_state_dict(fm.state_dict(), cfg))
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (fm, pl)}
+    x = torch.randint(0, vocab, (batch, seq))
+    y = torch.randint(0, vocab, (batch, seq))
+
+    def step(m):
+        t = time.perf_counter()
+        if dtype == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(x, y)
+        else:
+            loss = m(x, y)
+        loss.backward()
+        opts[id(m)].step()
+        opts[id(m)].zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for _ in range(2):
+        step(fm), step(pl)
+    tf, tp = [], []
+    for _ in range(steps):
+        tf.append(step(fm))
+        tp.append(step(pl))
+    mf, mp = statistics.median(tf), statistics.median(tp)
+    return dict(fmk_tokens_per_s=batch * seq / mf, plain_tokens_per_s=batch * seq / mp, speedup=mp / mf,
+                fmk_step_times=tf, plain_step_times=tp)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--vocabs", default="8192,32768")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of each point")
+    p.add_argument("--out", default="bench-results/bench_train.json")
+    p.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: run one point, print JSON
+    a = p.parse_args(argv)
+    steps = a.steps or (3 if a.quick else 6)
+    if a.point:
+        impl, dtype, vocab = a.point.split(",")
+        r = run_point(impl, dtype, int(vocab), a.dim, a.layers, a.heads, a.batch, a.seq, steps)
+        print("RESULT " + json.dumps(r))
+        return 0
+    import torch
+
+    results, speed = [], {}
+    for vocab in [int(v) for v in a.vocabs.split(",")]:
+        for dtype in a.dtypes.split(","):
+            sp = speed_pair(dtype, vocab, a.dim, a.layers, a.heads, a.batch, a.seq, steps)
+            speed[(vocab, dtype)] = sp
+            print(f"  speed {dtype} vocab {vocab}: fmkernels {sp['fmk_tokens_per_s']:.0f} tok/s, plain "
+                  f"{sp['plain_tokens_per_s']:.0f} tok/s ({sp['speedup']:.2f}x)", flush=True)
+            for _ in range(a.repeats):
+                for impl in ("fmkernels", "plain"):
+                    cmd = [sys.executable, __file__, "--point", f"{impl},{dtype},{vocab}", "--steps", "1",
+                           "--dim", str(a.dim), "--layers", str(a.layers), "--heads", str(a.heads),
+                           "--batch", str(a.batch), "--seq", str(a.seq)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    r = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+                    results.append(r)
+                    print(f"  memory {impl:9s} {dtype} vocab {vocab}: peak +{r['peak_mem_mb']:.0f} MB", flush=True)
+    # aggregate: best (max tokens/s) per point, median peak memory
+    agg = {}
+    for r in results:
+        k = (r["vocab"], r["dtype"], r["impl"])
+        agg.setdefault(k, []).append(r)
+    print(f"\nTraining step, d{a.dim} x {a.layers} layers, batch {a.batch} x seq {a.seq} "
+          f"({torch.get_num_threads()} threads), fused AdamW, median of {steps} alternating steps\n")
+    print("| vocab | dtype | fmkernels tok/s | plain tok/s | speedup | fmk peak MB | plain peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for vocab in sorted({k[0] for k in agg}):
+        for dtype in a.dtypes.split(","):
+            f, pl = agg.get((vocab, dtype, "fmkernels")), agg.get((vocab, dtype, "plain"))
+            if not f or not pl:
+                continue
+            sp = speed[(vocab, dtype)]
+            ft, pt = sp["fmk_tokens_per_s"], sp["plain_tokens_per_s"]
+            fm = statistics.median(r["peak_mem_mb"] for r in f)
+            pm = statistics.median(r["peak_mem_mb"] for r in pl)
+            rows.append(dict(vocab=vocab, dtype=dtype, fmk_tokens_per_s=ft, plain_tokens_per_s=pt, speedup=ft / pt,
+                             fmk_peak_mb=fm, plain_peak_mb=pm, memory_ratio=fm / pm))
+            print(f"| {vocab} | {dtype} | {ft:.0f} | {pt:.0f} | {ft / pt:.2f}x | {fm:.0f} | {pm:.0f} | {fm / pm:.2f}x |")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump({"config": vars(a), "memory_points": results, "speed": {f"{k[0]}-{k[1]}": v for k, v in speed.items()},
+                   "summary": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

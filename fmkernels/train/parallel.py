@@ -1,0 +1,105 @@
+"""Everything applied to a model from outside: distributed setup, DDP / FSDP2 wrapping, activation
+checkpointing, torch.compile, and the optional int8-training / sparsity transforms from the other issues.
+The model code itself is written for one device and never changes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.config import ConfigError
+
+
+@dataclass
+class DistInfo:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    mode: str = "none"  # none | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(mode: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if world <= 1:
+        if mode in ("ddp", "fsdp"):
+            # allowed: a 1-process group (useful to test the code path without torchrun)
+            if not dist.is_initialized():
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", "29512")
+                dist.init_process_group("gloo", rank=0, world_size=1)
+        return DistInfo(1, 0, 0, mode)
+    if mode == "none":
+        raise ConfigError("config: distributed='none' but the process was started by torchrun with WORLD_SIZE > 1")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return DistInfo(dist.get_world_size(), dist.get_rank(), local, mode)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_transforms(model: nn.Module, int8_training: bool, sparsity: Optional[str]) -> None:
+    """Optional switches owned by the quantization / sparsity work: call them when this build has them."""
+    import fmkernels
+
+    if int8_training:
+        try:
+            quantize_ = fmkernels.quantize_
+            cfg_cls = fmkernels.Int8TrainingConfig
+        except AttributeError as e:
+            raise ConfigError(f"config: int8_training=true needs fmkernels.quantize_ and Int8TrainingConfig ({e})") from e
+        quantize_(model, cfg_cls())
+    if sparsity:
+        try:
+            sparsify_ = fmkernels.sparsify_
+            cfg_cls = fmkernels.SemiStructuredConfig
+        except AttributeError as e:
+            raise ConfigError(f"config: sparsity={sparsity!r} needs fmkernels.sparsify_ ({e})") from e
+        if sparsity != "2:4":
+            raise ConfigError(f"config: sparsity must be '2:4' (semi-structured), got {sparsity!r}")
+        sparsify_(model, cfg_cls())
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward (torch's checkpoint wrapper; state_dict keys unchanged)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def wrap_distributed(model: nn.Module, info: DistInfo) -> nn.Module:
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = [info.local_rank] if torch.cuda.is_available() else None
+        return DDP(model, device_ids=dev)
+    if info.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    m = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(m, "module", m)  # DDP

@@ -1,0 +1,126 @@
+"""2:4 sparse matmul in Triton: y = x @ W^T with W as values (N, K/2) + meta int32 (N, ceil(K/32)).
+
+One program per (BLOCK_M, BLOCK_N) tile of y. Per BLOCK_K columns, the W tile is rebuilt in registers from the
+kept values: column k of group g = k // 4 holds value 2g if pos(2g) == k % 4, value 2g+1 if pos(2g+1) == k % 4,
+else 0; then one tl.dot. Reads half of W's bytes (plus 1/8 byte of meta per weight). The int8 variant
+accumulates exactly in int32. Loads are upcast to fp32 before arithmetic (interpreter).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w_tile(V, META, offs_n, k0, N, K, stride_vn, stride_mn, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) dense tile of W rebuilt from its kept values (values' dtype)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    j0 = (offs_k // 4) * 2  # first kept value of the column's group
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    row_v = V + offs_n[:, None].to(tl.int64) * stride_vn
+    row_m = META + offs_n[:, None].to(tl.int64) * stride_mn
+    v0 = tl.load(row_v + j0[None, :], mask=mask, other=0)
+    v1 = tl.load(row_v + j0[None, :] + 1, mask=mask, other=0)
+    w0 = tl.load(row_m + (j0 // 16)[None, :], mask=mask, other=0)
+    w1 = tl.load(row_m + ((j0 + 1) // 16)[None, :], mask=mask, other=0)
+    p0 = (w0 >> ((j0 % 16) * 2)[None, :]) & 3
+    p1 = (w1 >> (((j0 + 1) % 16) * 2)[None, :]) & 3
+    c = (offs_k % 4)[None, :]
+    zero = tl.zeros_like(v0)
+    return tl.where(p0 == c, v0, tl.where(p1 == c, v1, zero))
+
+
+@triton.jit
+def _sparse24_mm_kernel(
+    X, V, META, BIAS, Y,
+    M, N, K,
+    stride_xm, stride_vn, stride_mn, stride_ym,
+    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IS_INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        w = _w_tile(V, META, offs_n, k0, N, K, stride_vn, stride_mn, BLOCK_K)  # (BLOCK_N, BLOCK_K)
+        if IS_INT8:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.int32)
+        else:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _launch(x, values, meta, bias, out_dtype, is_int8):
+    M, K = x.shape
+    N = values.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return y
+    interp = x.device.type == "cpu"
+    BM, BN, BK = (16, 16, 32) if interp else (64, 64, 64)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _sparse24_mm_kernel[grid](
+        x, values, meta, bias if bias is not None else values, y,
+        M, N, K, x.stride(0), values.stride(0), meta.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, IS_INT8=is_int8, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
+    return y
+
+
+@torch.library.custom_op("fmkernels::sparse24_mm_triton", mutates_args=())
+def sparse24_mm_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch(x.contiguous(), values.contiguous(), meta.contiguous(), bias, x.dtype, False)
+
+
+@sparse24_mm_triton.register_fake
+def _(x, values, meta, bias):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+@torch.library.custom_op("fmkernels::sparse24_int8_mm_triton", mutates_args=())
+def sparse24_int8_mm_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    return _launch(x.contiguous(), values.contiguous(), meta.contiguous(), None, torch.int32, True)
+
+
+@sparse24_int8_mm_triton.register_fake
+def _(x, values, meta):
+    return x.new_empty((x.shape[0], values.shape[0]), dtype=torch.int32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    from ..reference import sparse as ref
+
+    x, values, meta = ctx.saved_tensors
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad_y @ ref.decompress_24(values, meta).to(grad_y.dtype)
+    if ctx.needs_input_grad[1]:  # kept positions only
+        cols = ref.sparse24_columns(meta, x.shape[1])  # (N, K/2)
+        gv = torch.einsum("mn,mnj->nj", grad_y.float(), x.float()[:, cols]).to(values.dtype) if x.shape[0] * cols.numel() < 2**26 \
+            else (grad_y.float().t() @ x.float()).gather(1, cols).to(values.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad_y.float().sum(0)
+    return gx, gv, None, gb
+
+
+sparse24_mm_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -263,8 +263,11 @@ class Trainer:
         path = self.out / "metrics.csv"
         if not self.info.is_main or not path.exists():
             return None
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            print("matplotlib is not installed (pip install fmkernels[plot]): no loss-curve PNG", flush=True)
+            return None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -415,7 +418,13 @@ class Trainer:
         if info.is_main and cfg.progress:
             from tqdm import tqdm
 
-            pbar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            # A time-budgeted run (max_time_s) counts seconds of training, so the bar's ETA is real.
+            if cfg.max_time_s is not None:
+                pbar = tqdm(total=round(cfg.max_time_s), initial=round(self.train_time), unit="s",
+                            dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s "
+                            "[{elapsed}<{remaining}{postfix}]")
+            else:
+                pbar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
         exit_code, last_loss, stop_reason = EXIT_OK, float("nan"), "max_steps"
         t_window, tok_window = time.perf_counter(), 0
         self.model.train()
@@ -439,7 +448,7 @@ class Trainer:
                 tok_window += tok_per_step
                 last_loss = loss
                 if pbar is not None:
-                    pbar.update(1)
+                    pbar.update(min(dt, max(pbar.total - pbar.n, 0)) if cfg.max_time_s is not None else 1)
                 if self.nonfinite >= cfg.max_nonfinite:
                     self.log(f"stopping: {self.nonfinite} non-finite steps in a row (max_nonfinite={cfg.max_nonfinite})")
                     exit_code, stop_reason = EXIT_NONFINITE, "non-finite"
@@ -452,7 +461,7 @@ class Trainer:
                                        loss=repr(loss), lr=f"{self.lr:.6g}", grad_norm=f"{gn:.4g}",
                                        tokens_per_s=f"{tps:.1f}"))
                     if pbar is not None:
-                        pbar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{self.lr:.2e}")
+                        pbar.set_postfix(step=self.step, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{self.lr:.2e}")
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._eval_and_log(cfg.eval_tokens, final=False)
                 if self.step % cfg.save_every == 0:

@@ -70,16 +70,28 @@ def prepare_data(
     include_tests: bool = False,
     text_field: str = "text",
     log: Callable[[str], None] = print,
+    tokenizer_dir: Optional[str] = None,
 ) -> DataBundle:
+    """tokenizer_dir: encode with this saved tokenizer (e.g. a pretrained checkpoint's) instead of building one."""
     docs, digest = load_documents(corpus, include_tests, text_field)
     train_docs, val_docs = split_documents(docs, val_fraction)
     tok_key = "byte" if tokenizer == "byte" else f"bpe{vocab_size}"
+    if tokenizer_dir is not None:
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(Path(tokenizer_dir).rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(tokenizer_dir).as_posix().encode() + b"\0" + f.read_bytes())
+        tok_key = f"tok{h.hexdigest()[:16]}"
     key = f"{digest[:16]}-{tok_key}-val{round(1000 * val_fraction)}-v{CACHE_VERSION}"
     cdir = _cache_dir(corpus, key)
     meta_path = cdir / "meta.json"
     if not meta_path.exists():
         cdir.mkdir(parents=True, exist_ok=True)
-        if tokenizer == "byte":
+        if tokenizer_dir is not None:
+            tok = load_tokenizer(tokenizer_dir)
+        elif tokenizer == "byte":
             tok = ByteTokenizer()
         elif tokenizer == "bpe":
             log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(train_docs)} documents ...")

@@ -95,6 +95,17 @@ def test_finetune_requires_from(capsys):
     assert "--from" in capsys.readouterr().err
 
 
+def test_finetune_refuses_to_overwrite_its_source(pretrained, capsys):
+    from fmkernels.cli import main
+
+    n_before = len(ckpt.list_checkpoints(pretrained["run"]))
+    rc = main(["finetune", "--from", str(pretrained["run"]), "--out_dir", str(pretrained["run"]), "--preset", "tiny",
+               "--tokenizer", "byte", "--max_steps", "1", "--progress", "false", "--sample_tokens", "0",
+               "--corpus", str(pretrained["corpus_b"])])
+    assert rc == 2 and "fine-tune into another out_dir" in capsys.readouterr().err
+    assert len(ckpt.list_checkpoints(pretrained["run"])) == n_before
+
+
 # ---------------------------------------------------------------- freezing, layer-wise lr decay
 def test_frozen_params_unchanged(pretrained, tmp_path):
     out = tmp_path / "frozen"

@@ -289,6 +289,13 @@ class Trainer:
     def _check_out_dir(self) -> None:
         """A fresh run never mixes with an old one: the default out_dir is cleared, any other must be empty."""
         cfg = self.cfg
+        if cfg.init_from:
+            src, out = Path(cfg.init_from).resolve(), self.out.resolve()
+            if src == out or out in src.parents:
+                from ..models.config import ConfigError
+
+                raise ConfigError(f"config: out_dir {cfg.out_dir!r} holds the checkpoint given to --from / init_from "
+                                  f"({cfg.init_from!r}); fine-tune into another out_dir")
         if cfg.resume or not self.info.is_main:
             return
         old = [p for p in (self.out / "checkpoints", self.out / "metrics.csv") if p.exists()]

@@ -1,4 +1,4 @@
-"""The `fmk` command: fmk train | finetune | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | merge | eval | generate | info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
@@ -6,6 +6,7 @@
     fmk train --config run.yaml --lr 1e-3       # YAML file, then command-line overrides of any field
     fmk finetune --from DIR --corpus NEW_CORPUS --max_steps 200 --out_dir FT   # same fields as train
     fmk finetune --from DIR --corpus NEW_CORPUS --lora_rank 8 --out_dir FT     # LoRA (--lora_base int8: QLoRA)
+    fmk merge --checkpoint FT --out_dir MERGED   # LoRA adapters folded into dense weights
     fmk eval --checkpoint DIR
     fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
 """
@@ -74,6 +75,20 @@ def _cmd_finetune(args) -> int:
     return _cmd_train(args, prog="fmk finetune")
 
 
+def _cmd_merge(args) -> int:
+    from .models.config import ConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.finetune import merge_checkpoint
+
+    try:
+        path = merge_checkpoint(args.checkpoint, args.out_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"fmk merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint (dense weights): {path}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .train.evaluate import evaluate_checkpoint
 
@@ -120,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint directory or a run directory (its newest checkpoint)")
     _add_train_fields(s)
     s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("merge", help="fold the LoRA adapters of a fine-tuned checkpoint into dense weights")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--out_dir", "--out-dir", required=True, help="where the dense checkpoint is written")
+    s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")

@@ -269,6 +269,25 @@ def test_finetune_lora_run_and_eval(pretrained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert abs(json.loads(text)["val_bpb"] - s["val_bpb"]) < 1e-3
+    # fmk merge writes a dense checkpoint (no adapter keys) that evaluates the same
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(out), "--out_dir", str(merged)]) == 0
+    sd = _state(merged)["model"]
+    assert not any("lora_" in k or ".base." in k for k in sd) and set(sd) == set(before)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(merged), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["val_bpb"] - s["val_bpb"]) < 1e-3
+
+
+def test_finetune_lora_exact_resume(pretrained, tmp_path):
+    """A LoRA fine-tune stopped and resumed ends where a straight run ends (adapters + optimizer restored)."""
+    # constant lr (min_lr_ratio 1): the first run's shorter max_steps must not change the schedule
+    kw = dict(init_from=str(pretrained["run"]), lora_rank=4, max_steps=4, save_every=2, min_lr_ratio=1.0)
+    straight = train(_cfg(tmp_path / "s", pretrained["corpus_b"], **kw), log=lambda m: None)
+    train(_cfg(tmp_path / "r", pretrained["corpus_b"], **dict(kw, max_steps=2)), log=lambda m: None)
+    resumed = train(_cfg(tmp_path / "r", pretrained["corpus_b"], **kw, resume=True), log=lambda m: None)
+    assert resumed["step"] == 4
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
 
 
 def test_finetune_qlora_int8_run(pretrained, tmp_path):

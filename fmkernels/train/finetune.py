@@ -131,3 +131,20 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return train, total
+
+
+def merge_checkpoint(path, out_dir) -> Path:
+    """Write a dense copy of a (LoRA) checkpoint into out_dir: adapters folded into the weights, LoRA fields of the
+    saved config reset, no optimizer state. `fmk eval` / `generate` / `finetune --from` load it like any other."""
+    from .checkpoint import list_checkpoints, save_checkpoint
+
+    pre = load_pretrained(path)
+    ck = pre["checkpoint"]
+    out = Path(out_dir)
+    if list_checkpoints(out):
+        raise ConfigError(f"merge: out_dir {str(out)!r} already holds checkpoints; choose another out_dir")
+    state = dict(ck["state"])
+    cfg = dict(state.get("config", {}))
+    cfg.update(lora_rank=0, lora_base="dense", out_dir=str(out))
+    state.update(config=cfg, merged_from=str(pre["path"]))
+    return save_checkpoint(out, int(state.get("step", 0)), pre["model"], {}, state, ck["tokenizer"])

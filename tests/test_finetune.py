@@ -229,6 +229,13 @@ def test_lora_on_quantized_base(kind):
     assert losses[-1] < losses[0]
     for k, v in lora.base.state_dict().items():
         assert torch.equal(v, bufs[k]), k  # the quantized base is untouched
+    # gradients flow through the frozen quantized base to the input (adapters in earlier layers train):
+    # d/dx of sum(base(x) * g) is g @ W_dequantized
+    xg = torch.randn(8, 128, requires_grad=True)
+    g = torch.randn(8, 64)
+    (lora(xg) * g).sum().backward()
+    want = g @ (q.dequantized_weight() + lora.delta_weight())
+    torch.testing.assert_close(xg.grad, want, rtol=1e-4, atol=1e-4)
     lora.eval()
     with torch.no_grad():
         merged = lora.merged()

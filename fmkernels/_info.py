@@ -18,11 +18,14 @@ def _triton_version() -> str | None:
 
 
 def _backend_for(op: _dispatch.Op, device: str) -> str:
-    q = _dispatch.Query(device=device, dtype=torch.float32)
-    try:
-        return op.select(q).name
-    except _dispatch.BackendError:
-        return "none"
+    """The backend an fp32 call would use (or, for ops that take no fp32, a call in their first dtype)."""
+    dtypes = [torch.float32] + [d for b in op.backends.values() for d in (b.dtypes or ())]
+    for dtype in dict.fromkeys(dtypes):
+        try:
+            return op.select(_dispatch.Query(device=device, dtype=dtype)).name
+        except _dispatch.BackendError:
+            continue
+    return "none"
 
 
 def info() -> dict:

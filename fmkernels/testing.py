@@ -137,3 +137,12 @@ def all_close_grads(
             continue
         assert o is not None, f"{n}: gradient missing"
         assert_close_to_reference(o, r, b, factor=factor, name=n)
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for torchrun / gloo rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

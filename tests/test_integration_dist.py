@@ -4,12 +4,13 @@ Each rank trains the patched model and an unpatched twin on the same data; the l
 the steps the parameters must be identical across ranks.
 """
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from fmkernels.testing import free_port
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
@@ -81,17 +82,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_patched_model_trains_distributed(mode, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS="1")
     procs = []
     for rank in range(2):

@@ -1,9 +1,12 @@
-"""The `fmk` command: fmk train | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | merge | eval | generate | info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
     fmk train --preset tiny --max_steps 50 --out_dir DIR --resume    # continue from DIR's last checkpoint
     fmk train --config run.yaml --lr 1e-3       # YAML file, then command-line overrides of any field
+    fmk finetune --from DIR --corpus NEW_CORPUS --max_steps 200 --out_dir FT   # same fields as train
+    fmk finetune --from DIR --corpus NEW_CORPUS --lora_rank 8 --out_dir FT     # LoRA (--lora_base int8: QLoRA)
+    fmk merge --checkpoint FT --out_dir MERGED   # LoRA adapters folded into dense weights
     fmk eval --checkpoint DIR
     fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
 """
@@ -47,20 +50,43 @@ def _add_train_fields(s: argparse.ArgumentParser) -> None:
             g.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper())
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args, prog: str = "fmk train") -> int:
     from .data.corpus import CorpusError
     from .models.config import ConfigError
     from .train import train
     from .train.config import TrainConfig
 
+    from .train.checkpoint import CheckpointError
+
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
     try:
         cfg = TrainConfig.build(args._config, overrides)
         summary = train(cfg)
-    except (ConfigError, CorpusError) as e:
-        print(f"fmk train: {e}", file=sys.stderr)
+    except (ConfigError, CorpusError, CheckpointError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return int(summary.get("exit_code", 0))
+
+
+def _cmd_finetune(args) -> int:
+    if not getattr(args, "init_from", None):
+        print("fmk finetune: --from CHECKPOINT is required (a checkpoint directory or a run directory)", file=sys.stderr)
+        return 2
+    return _cmd_train(args, prog="fmk finetune")
+
+
+def _cmd_merge(args) -> int:
+    from .models.config import ConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.finetune import merge_checkpoint
+
+    try:
+        path = merge_checkpoint(args.checkpoint, args.out_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"fmk merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint (dense weights): {path}")
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -102,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="pretrain a transformer (default: the embedded stdlib corpus, 5 minutes)")
     _add_train_fields(s)
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("finetune", help="continue from a pretrained checkpoint on a new corpus (full, frozen, "
+                       "layer-wise lr decay, LoRA); takes every train field")
+    s.add_argument("--from", dest="init_from", default=argparse.SUPPRESS, metavar="CHECKPOINT",
+                   help="a checkpoint directory or a run directory (its newest checkpoint)")
+    _add_train_fields(s)
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("merge", help="fold the LoRA adapters of a fine-tuned checkpoint into dense weights")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--out_dir", "--out-dir", required=True, help="where the dense checkpoint is written")
+    s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")

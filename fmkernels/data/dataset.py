@@ -70,16 +70,35 @@ def prepare_data(
     include_tests: bool = False,
     text_field: str = "text",
     log: Callable[[str], None] = print,
+    tokenizer_dir: Optional[str] = None,
+    rename_p: float = 0.0,
+    rename_seed: int = 0,
 ) -> DataBundle:
+    """tokenizer_dir: encode with this saved tokenizer (e.g. a pretrained checkpoint's) instead of building one.
+    rename_p > 0: each training Python document (.py key) is, with probability rename_p, replaced by a copy with
+    its function-local names consistently renamed (fmkernels.data.augment.rename_identifiers), drawn once per
+    tokenization and deterministic in rename_seed; the validation split is never touched."""
     docs, digest = load_documents(corpus, include_tests, text_field)
     train_docs, val_docs = split_documents(docs, val_fraction)
     tok_key = "byte" if tokenizer == "byte" else f"bpe{vocab_size}"
+    if tokenizer_dir is not None:
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(Path(tokenizer_dir).rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(tokenizer_dir).as_posix().encode() + b"\0" + f.read_bytes())
+        tok_key = f"tok{h.hexdigest()[:16]}"
     key = f"{digest[:16]}-{tok_key}-val{round(1000 * val_fraction)}-v{CACHE_VERSION}"
+    if rename_p > 0:
+        key += f"-ren{rename_p:g}s{rename_seed}"
     cdir = _cache_dir(corpus, key)
     meta_path = cdir / "meta.json"
     if not meta_path.exists():
         cdir.mkdir(parents=True, exist_ok=True)
-        if tokenizer == "byte":
+        if tokenizer_dir is not None:
+            tok = load_tokenizer(tokenizer_dir)
+        elif tokenizer == "byte":
             tok = ByteTokenizer()
         elif tokenizer == "bpe":
             log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(train_docs)} documents ...")
@@ -98,6 +117,8 @@ def prepare_data(
                 else:
                     yield tok.encode_array("".join(batch))
 
+        if rename_p > 0:
+            train_docs = _rename_docs(train_docs, rename_p, rename_seed, log)
         log(f"tokenizing {len(docs)} documents into {cdir} ...")
         n_train = _write_tokens(cdir / "train.bin", chunks(train_docs), dtype)
         n_val = _write_tokens(cdir / "val.bin", chunks(val_docs), dtype)
@@ -115,6 +136,25 @@ def prepare_data(
     train = np.memmap(cdir / "train.bin", dtype=dt, mode="r", shape=(meta["n_train"],))
     val = np.memmap(cdir / "val.bin", dtype=dt, mode="r", shape=(meta["n_val"],))
     return DataBundle(train, val, tok, digest, cdir, tok.token_bytes(), tuple(meta["n_docs"]))
+
+
+def _rename_docs(docs, p: float, seed: int, log) -> list:
+    import hashlib as _h
+
+    from .augment import rename_identifiers
+    from .corpus import Document
+
+    out, n = [], 0
+    for d in docs:
+        k = int.from_bytes(_h.sha256(d.key.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([seed, k])
+        if d.key.split("#")[0].split(":")[0].endswith(".py") and rng.random() < p:
+            r = rename_identifiers(d.text, seed=int(rng.integers(1 << 31)))
+            if r is not None:
+                d, n = Document(d.key, r), n + 1
+        out.append(d)
+    log(f"identifier renaming: {n} of {len(docs)} training documents rewritten")
+    return out
 
 
 class BatchSampler:

@@ -60,6 +60,22 @@ class TrainConfig:
     int8_training: bool = False  # fmkernels.quantize_(model, Int8TrainingConfig()) when available
     sparsity: Optional[str] = None  # e.g. "2:4": fmkernels.sparsify_(model, SemiStructuredConfig()) when available
     threads: Optional[int] = None
+    # ---- fine-tuning (fmk finetune --from CHECKPOINT sets init_from; see fmkernels/train/finetune.py)
+    init_from: Optional[str] = None  # a checkpoint (or run directory): its weights, architecture and tokenizer
+    freeze_embeddings: bool = False  # freeze tok_emb (and so the tied head)
+    freeze_blocks: int = 0  # freeze the first k transformer blocks
+    layer_lr_decay: float = 1.0  # block i of L gets lr * decay ** (L - i); the embedding decay ** (L + 1)
+    lora_rank: int = 0  # > 0: LoRA adapters on lora_targets, every other weight frozen
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "wqkv,wo,w13,w2"  # comma-separated module names (last name component or full path)
+    lora_base: str = "dense"  # "dense" | "int8" | "int4": quantize the frozen base before adding adapters (QLoRA)
+    # ---- data augmentation of training batches (validation untouched; fmkernels/data/augment.py)
+    aug_crop: float = 0.0  # probability per row of a random crop offset (drop the first k in [1, T/2] tokens)
+    aug_token_dropout: float = 0.0  # probability per input token of replacing it by another token of its row
+    aug_span_mask: float = 0.0  # probability per row of overwriting one span of aug_span_len input tokens
+    aug_span_len: int = 8
+    aug_rename: float = 0.0  # probability per training .py document of consistent local-name renaming (at tokenization)
     # ---- evaluation, logging, checkpoints
     eval_every: int = 200
     eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
@@ -152,6 +168,29 @@ class TrainConfig:
             bad("max_time_s", "must be > 0")
         if self.corpus != "stdlib" and not os.path.exists(self.corpus):
             bad("corpus", "does not exist (a directory, .txt or .jsonl path, or 'stdlib')")
+        if self.freeze_blocks < 0:
+            bad("freeze_blocks", "must be >= 0")
+        if not 0 < self.layer_lr_decay <= 1:
+            bad("layer_lr_decay", "must be in (0, 1]")
+        if self.lora_rank < 0:
+            bad("lora_rank", "must be >= 0 (0 disables LoRA)")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", "must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if self.lora_base not in ("dense", "int8", "int4"):
+            bad("lora_base", "must be 'dense', 'int8' or 'int4'")
+        if self.lora_base != "dense" and self.lora_rank == 0:
+            bad("lora_base", "needs lora_rank > 0 (a quantized base is frozen; only adapters train)")
+        if self.lora_rank and self.model_impl != "fmkernels":
+            bad("lora_rank", "needs model_impl 'fmkernels'")
+        if self.init_from is not None and not os.path.exists(self.init_from):
+            bad("init_from", "does not exist (a checkpoint directory or a run directory)")
+        for name in ("aug_crop", "aug_token_dropout", "aug_span_mask", "aug_rename"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, "must be a probability in [0, 1]")
+        if self.aug_span_len < 1:
+            bad("aug_span_len", "must be >= 1")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
         self.model_config(256 if self.tokenizer == "byte" else self.vocab_size)  # shapes: heads | dim, ...

@@ -11,10 +11,13 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def load_model(path) -> tuple[Transformer, object, dict]:
-    ck = load_checkpoint(resolve_checkpoint(path))
-    mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
-    model = Transformer(mcfg)
-    model.load_state_dict(ck["model"])
+    """A dense Transformer (LoRA adapters of a fine-tuned checkpoint merged in), its tokenizer, the checkpoint."""
+    from .finetune import load_pretrained
+
+    pre = load_pretrained(path)
+    ck = pre["checkpoint"]
+    model = Transformer(pre["model_config"])
+    model.load_state_dict(pre["model"])
     model.eval()
     return model, ck["tokenizer"], ck
 

@@ -45,17 +45,14 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _param_groups(model, weight_decay):
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model, cfg: TrainConfig, fsdp: bool, n_layers: int = 0):
+    from .finetune import param_groups
 
+    groups = param_groups(model, cfg.weight_decay, n_layers, cfg.layer_lr_decay)
+    if not groups:
+        from ..models.config import ConfigError
 
-def make_optimizer(model, cfg: TrainConfig, fsdp: bool):
-    groups = _param_groups(model, cfg.weight_decay)
+        raise ConfigError("config: every parameter is frozen (freeze_embeddings / freeze_blocks / LoRA): nothing to train")
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if not fsdp:
         try:
@@ -295,6 +292,13 @@ class Trainer:
     def _check_out_dir(self) -> None:
         """A fresh run never mixes with an old one: the default out_dir is cleared, any other must be empty."""
         cfg = self.cfg
+        if cfg.init_from:
+            src, out = Path(cfg.init_from).resolve(), self.out.resolve()
+            if src == out or out in src.parents:
+                from ..models.config import ConfigError
+
+                raise ConfigError(f"config: out_dir {cfg.out_dir!r} holds the checkpoint given to --from / init_from "
+                                  f"({cfg.init_from!r}); fine-tune into another out_dir")
         if cfg.resume or not self.info.is_main:
             return
         old = [p for p in (self.out / "checkpoints", self.out / "metrics.csv") if p.exists()]
@@ -318,24 +322,57 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
         self._check_out_dir()
+        pre = None
+        if cfg.init_from:
+            from .finetune import load_pretrained
+
+            pre = load_pretrained(cfg.init_from)
+            self.log(f"fine-tuning from {pre['path']} (architecture and tokenizer from the checkpoint)")
+        tok_dir = str(pre["tokenizer_dir"]) if pre else None
         if info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
-                                     cfg.text_field, log=self.log)
+                                     cfg.text_field, log=self.log, tokenizer_dir=tok_dir,
+                                     rename_p=cfg.aug_rename, rename_seed=cfg.seed)
         self._barrier()
         if not info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
-                                     cfg.text_field, log=lambda m: None)
-        self.mcfg = cfg.model_config(self.data.tokenizer.vocab_size)
+                                     cfg.text_field, log=lambda m: None, tokenizer_dir=tok_dir,
+                                     rename_p=cfg.aug_rename, rename_seed=cfg.seed)
+        if pre:
+            import dataclasses
+
+            self.mcfg = dataclasses.replace(pre["model_config"], max_seq_len=cfg.seq_len)
+        else:
+            self.mcfg = cfg.model_config(self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         cls = Transformer if cfg.model_impl == "fmkernels" else PlainTransformer
         model = cls(self.mcfg).to(self.device)
+        if pre:
+            sd = pre["model"] if cfg.model_impl == "fmkernels" else fmk_to_plain_state_dict(pre["model"], self.mcfg)
+            model.load_state_dict(sd)
         apply_transforms(model, cfg.int8_training, cfg.sparsity)
+        from .finetune import apply_freezing, attach_lora, trainable_summary
+
+        frozen = apply_freezing(model, cfg.freeze_embeddings, cfg.freeze_blocks)
+        if cfg.lora_rank > 0:
+            wrapped = attach_lora(model, cfg)
+            self.log(f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha:g} on {len(wrapped)} modules "
+                     f"({cfg.lora_base} base); every other weight frozen")
+        if frozen or cfg.lora_rank > 0:
+            n_tr, n_all = trainable_summary(model)
+            note = " (the quantized base weights are buffers, not counted)" if cfg.lora_base != "dense" else ""
+            self.log(f"trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / max(n_all, 1):.2f}%){note}")
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = wrap_distributed(model, info)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.opt = make_optimizer(self.model, cfg, fsdp=info.mode == "fsdp")
+        self.opt = make_optimizer(self.model, cfg, fsdp=info.mode == "fsdp", n_layers=self.mcfg.n_layers)
+        from ..data.augment import TokenAugment
+
+        fill = self.data.tokenizer.encode(" ")
+        self.augment = TokenAugment(cfg.aug_crop, cfg.aug_token_dropout, cfg.aug_span_mask, cfg.aug_span_len,
+                                    int(fill[0]) if fill else 0)
         self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
         self.step, self.tokens, self.train_time, self.best_val_bpb, self.nonfinite = 0, 0, 0.0, None, 0
         self.lr, self.last_ckpt, self.tb, self.last_saved_step = cfg.lr, None, None, None
@@ -374,6 +411,11 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
+            if self.augment.active:  # training batches only; keyed by (seed, step, micro, rank): resumable
+                from ..data.augment import augment_batch
+
+                rng = np.random.default_rng([cfg.seed, self.step, micro, self.info.rank, 0xA06])
+                x, y = augment_batch(x, y, self.augment, rng)
             x, y = x.to(self.device), y.to(self.device)
             last = micro == cfg.grad_accum - 1
             sync_ctx = model.no_sync() if (self.info.mode == "ddp" and not last) else _null()
@@ -438,7 +480,7 @@ class Trainer:
                     progress = max(progress, self.train_time / cfg.max_time_s)
                 self.lr = lr_at(cfg, self.step, progress)
                 for g in self.opt.param_groups:
-                    g["lr"] = self.lr
+                    g["lr"] = self.lr * g.get("lr_scale", 1.0)
                 t0 = time.perf_counter()
                 loss, gn = self.train_step()
                 dt = time.perf_counter() - t0

@@ -531,3 +531,21 @@ def test_module_fast_path_still_checks_inputs(monkeypatch):
     monkeypatch.delenv("FMK_BACKEND")
     torch.testing.assert_close(m8(x), ref8, rtol=1e-5, atol=1e-5)
     T.assert_sqnr(ref4, m4(x), 60.0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_linear_input_gradient_is_straight_through(kind):
+    """Frozen quantized bases must pass dx = dy @ W_deq (QLoRA adapters below them train through it)."""
+    import warnings
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48)
+    q = fk.nn.Int8Linear.from_float(lin) if kind == "int8" else fk.nn.Int4Linear.from_float(lin, group_size=128)
+    x = torch.randn(5, 3, 256, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "autograd kernel was not registered" must not happen
+        y = q(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, g @ q.dequantized_weight(), rtol=1e-5, atol=1e-5)

@@ -30,22 +30,6 @@ def _base_dense_weight(base: nn.Module) -> torch.Tensor:
                     f"(expected nn.Linear or a module with dequantized_weight())")
 
 
-class _FrozenQuantBase(torch.autograd.Function):
-    """y = base(x) for a frozen quantized base, with dL/dx = dL/dy @ W_dequantized in the backward (QLoRA):
-    the quantized inference kernels need not be differentiable, and adapters below still get gradients."""
-
-    @staticmethod
-    def forward(ctx, x, base):
-        ctx.base = base
-        with torch.no_grad():
-            return base(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        w = ctx.base.dequantized_weight().to(g.dtype)  # (out, in), recomputed: no dense copy kept
-        return g @ w, None
-
-
 class LoRALinear(nn.Module):
     """A frozen linear `base` plus a trainable rank-`rank` update scaled by alpha / rank."""
 
@@ -71,10 +55,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and not isinstance(self.base, nn.Linear) and hasattr(self.base, "dequantized_weight"):
-            y = _FrozenQuantBase.apply(x, self.base)
-        else:
-            y = self.base(x)
+        y = self.base(x)  # quantized bases pass the straight-through dx = dy @ W_deq (fmkernels.ops.quant)
         d = self.lora_dropout(x)
         upd = F.linear(F.linear(d.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
         return y + upd.to(y.dtype)

@@ -17,6 +17,7 @@ fmkernels/triton/{int8_mm,int4_mm,fp8_mm}.py; CUDA: csrc/cuda/{int8_mm,int4_mm,f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Optional
@@ -480,3 +481,88 @@ def int8_training_linear(
     x2 = x.reshape(-1, x.shape[-1])
     y = _Int8TrainingLinear.apply(x2, weight, bias, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------- autograd of the quantized linears
+# The packed weights are constants (no gradient); the input gets the straight-through gradient through the
+# dequantized weight, dx = dy @ W_deq (what QLoRA-style adapters below a frozen quantized layer need), and
+# the bias its usual sum. W_deq is rebuilt from the packed form in the backward: no dense copy is kept.
+
+
+def _int8_linear_setup(ctx, inputs, output):
+    x, b_packed, _b_comp, b_scale, bias = inputs
+    ctx.save_for_backward(b_packed, b_scale)
+    ctx.k, ctx.x_dtype = x.shape[-1], x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _needs(ctx, i: int) -> bool:
+    return ctx.needs_input_grad[i + getattr(ctx, "arg_offset", 0)]
+
+
+def _int8_linear_backward(ctx, gy):
+    b_packed, b_scale = ctx.saved_tensors
+    gx = gb = None
+    if _needs(ctx, 0):
+        w = ref.int8_unpack_weight(b_packed, b_scale.shape[0], ctx.k).float() * b_scale[:, None]  # (N, K)
+        gx = (gy.float() @ w).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and _needs(ctx, 4):
+        gb = gy.reshape(-1, gy.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return gx, None, None, None, gb
+
+
+def _int4_mm_setup(ctx, inputs, output):
+    x, w_packed, scale, zero, group_size, n, bias, _act_terms = inputs
+    ctx.save_for_backward(w_packed, scale, zero)
+    ctx.k, ctx.n, ctx.group_size, ctx.x_dtype = x.shape[-1], n, group_size, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int4_mm_backward(ctx, gy):
+    w_packed, scale, zero = ctx.saved_tensors
+    gx = gb = None
+    if _needs(ctx, 0):
+        w = ref.dequantize_int4(ref.int4_unpack_weight(w_packed, ctx.n, ctx.k), scale, zero, ctx.group_size)
+        gx = (gy.float() @ w).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and _needs(ctx, 6):
+        gb = gy.reshape(-1, gy.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return gx, None, None, None, None, None, gb, None
+
+
+torch.library.register_autograd("fmkernels::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)
+torch.library.register_autograd("fmkernels::int4_mm", _int4_mm_backward, setup_context=_int4_mm_setup)
+
+
+_STE = {"int8_linear": (_int8_linear_setup, _int8_linear_backward), "int4_mm": (_int4_mm_setup, _int4_mm_backward)}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The same straight-through gradient for backends that are not the registered op (reference: autograd
+    through its rounding would be wrong; triton: its own custom op)."""
+
+    @staticmethod
+    def forward(kind, fn, *inputs):
+        return fn(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kind, _fn, *args = inputs
+        ctx.kind, ctx.arg_offset = kind, 2
+        _STE[kind][0](ctx, args, output)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (None, None, *_STE[ctx.kind][1](ctx, gy))
+
+
+def _straight_through(kind, fn):
+    def wrapped(*inputs):
+        return _StraightThrough.apply(kind, fn, *inputs)
+
+    return wrapped
+
+
+for _name in _STE:
+    for _b in ("reference", "triton"):
+        _be = _dispatch.OPS[_name].backends[_b]
+        _dispatch.OPS[_name].register(dataclasses.replace(_be, fn=_straight_through(_name, _be.fn)))

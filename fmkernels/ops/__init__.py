@@ -4,14 +4,6 @@ these; nothing here knows about modules.
 Every module in this package is imported here (so its schemas and backends register), and the names in
 its `__all__` are re-exported: adding an op is adding a file.
 """
-import importlib as _importlib
-import pkgutil as _pkgutil
+from .._autoexport import export_submodules as _export
 
-__all__: list[str] = []
-for _m in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _m.name.startswith("_"):
-        continue
-    _mod = _importlib.import_module(f"{__name__}.{_m.name}")
-    for _name in getattr(_mod, "__all__", ()):
-        globals()[_name] = getattr(_mod, _name)
-        __all__.append(_name)
+__all__: list[str] = _export(__name__, __path__, globals())

@@ -2,7 +2,7 @@
 (fmkernels._C_cuda).
 
 Rules (see README "Building"):
-- never `-std=...` (torch picks C++20) and never `-march=native`: AVX-512 code uses per-function
+- never a `-std` flag (torch picks C++20) and never a host-specific `-march`: AVX-512 code uses per-function
   `__attribute__((target(...)))` and is chosen at run time from CPUID, so a wheel built here runs anywhere;
 - the CUDA extension is built when torch has CUDA and nvcc is found, or when FMK_FORCE_CUDA=1;
   FMK_SKIP_CUDA=1 skips it; MAX_JOBS is honoured by torch's BuildExtension (ninja);

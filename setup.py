@@ -1,7 +1,7 @@
 """Build for fmkernels: one CPU extension (fmkernels._C) and, where CUDA is usable, one CUDA extension
 (fmkernels._C_cuda).
 
-Rules (see README "Building"):
+Rules (see README, "Install into your own environment"):
 - never a `-std` flag (torch picks C++20) and never a host-specific `-march`: AVX-512 code uses per-function
   `__attribute__((target(...)))` and is chosen at run time from CPUID, so a wheel built here runs anywhere;
 - the CUDA extension is built when torch has CUDA and nvcc is found, or when FMK_FORCE_CUDA=1;

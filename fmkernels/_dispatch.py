@@ -49,6 +49,9 @@ class Backend:
     dtypes: Optional[tuple[torch.dtype, ...]] = None  # None: any
     needs: tuple[str, ...] = ()  # "cpu_ext", "cuda_ext", "triton"
     check: Optional[Callable[[Query], Optional[str]]] = None  # extra constraint: reason or None
+    # Automatic choice only: a reason to pass over this backend for a call that another backend runs faster
+    # (measured); a forced backend ignores it.
+    prefer_other: Optional[Callable[[Query], Optional[str]]] = None
 
     def reason(self, q: Query, forced: bool) -> Optional[str]:
         """Why this backend cannot run `q` (None when it can)."""
@@ -68,7 +71,11 @@ class Backend:
             if missing:
                 return missing
         if self.check is not None:
-            return self.check(q)
+            why = self.check(q)
+            if why is not None:
+                return why
+        if not forced and self.prefer_other is not None:
+            return self.prefer_other(q)
         return None
 
 

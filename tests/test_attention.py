@@ -382,3 +382,17 @@ def test_gpu_backends(backend, dtype, B, Hq, Hkv, Nq, Nk, D, causal, window):
     base.backward(g.to(dtype))
     for name, a, r, b in (("dq", qk, qr, qb), ("dk", kk, kr, kb), ("dv", vk, vr, vb)):
         T.assert_close_to_reference(a.grad, r.grad, b.grad.nan_to_num(0.0), name=f"{backend} {name}", dtype=dtype)
+
+
+def test_auto_dispatch_sends_fp32_decoding_to_the_faster_reference(monkeypatch):
+    """Measured on CPU: the kernel loses to the reference for fp32 with Nq <= 16; forcing cpu still works."""
+    monkeypatch.delenv("FMK_BACKEND", raising=False)
+    op = fk._dispatch.OPS["flash_attention"]
+    decode = fk._dispatch.Query(device="cpu", dtype=torch.float32, shape=(64, 1))
+    prefill = fk._dispatch.Query(device="cpu", dtype=torch.float32, shape=(64, 1024))
+    bf16_decode = fk._dispatch.Query(device="cpu", dtype=torch.bfloat16, shape=(64, 1))
+    if not fk._ext.has_cpu_ext():
+        pytest.skip("CPU extension not built")
+    assert op.select(decode).name == "reference"
+    assert op.select(prefill).name == "cpu" and op.select(bf16_decode).name == "cpu"
+    assert op.select(decode, "cpu").name == "cpu"

@@ -78,6 +78,6 @@ def cpu_features() -> dict[str, bool]:
     names = {
         "avx2": "avx2", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
         "avx512dq": "avx512dq", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
-        "avx512_fp16": "avx512_fp16", "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8",
+        "avx512_fp16": "avx512_fp16", "avx512_vbmi": "avx512vbmi", "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8",
     }
     return {k: v in flags for k, v in names.items()}

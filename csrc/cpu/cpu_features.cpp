@@ -32,6 +32,7 @@ CpuFeatures detect() {
   f.avx512dq = f.os_avx512 && ((b >> 17) & 1);
   f.avx512bw = f.os_avx512 && ((b >> 30) & 1);
   f.avx512vl = f.os_avx512 && ((b >> 31) & 1);
+  f.avx512_vbmi = f.os_avx512 && ((c >> 1) & 1);  // gcc 12's __builtin_cpu_supports misses it on Zen 4
   f.avx512_vnni = f.os_avx512 && ((c >> 11) & 1);
   f.avx512_fp16 = f.os_avx512 && ((d >> 23) & 1);
   f.amx_bf16 = os_amx && ((d >> 22) & 1);
@@ -77,6 +78,7 @@ const char* isa_name(Isa isa) {
 bool use_avx512() { return max_isa() == Isa::kAvx512; }
 bool use_avx512_bf16() { return use_avx512() && cpu_features().avx512_bf16; }
 bool use_avx512_vnni() { return use_avx512() && cpu_features().avx512_vnni; }
+bool use_avx512_vbmi() { return use_avx512() && cpu_features().avx512_vbmi; }
 bool use_avx2() { return static_cast<int>(max_isa()) >= static_cast<int>(Isa::kAvx2); }
 
 }  // namespace fmk::cpu

@@ -17,6 +17,7 @@ PyObject* py_cpu_features(PyObject*, PyObject*) {
   put("avx512vl", f.avx512vl);
   put("avx512dq", f.avx512dq);
   put("avx512_vnni", f.avx512_vnni);
+  put("avx512_vbmi", f.avx512_vbmi);
   put("avx512_bf16", f.avx512_bf16);
   put("avx512_fp16", f.avx512_fp16);
   put("amx_tile", f.amx_tile);

@@ -9,8 +9,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cpuid.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -22,15 +20,7 @@
 namespace fmk::cpu {
 namespace {
 
-bool cpu_has_vbmi() {  // CPUID leaf 7.0 ECX bit 1 (gcc 12's __builtin_cpu_supports misses it on Zen 4)
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 1));
-  }();
-  return has;
-}
-
-bool use_vnni_vbmi() { return use_avx512_vnni() && cpu_has_vbmi(); }
+bool use_vnni_vbmi() { return use_avx512_vnni() && use_avx512_vbmi(); }
 
 static inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1ULL); }
 

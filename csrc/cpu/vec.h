@@ -30,7 +30,7 @@ namespace fmk::cpu {
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-  bool avx512_vnni = false, avx512_bf16 = false, avx512_fp16 = false;
+  bool avx512_vnni = false, avx512_bf16 = false, avx512_fp16 = false, avx512_vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_avx512 = false;  // XCR0 says the OS saves ZMM state
 };
@@ -48,6 +48,7 @@ const char* isa_name(Isa isa);
 bool use_avx512();       // F + BW + VL + DQ, within the FMK_CPU_ISA cap
 bool use_avx512_bf16();  // use_avx512() && avx512_bf16
 bool use_avx512_vnni();  // use_avx512() && avx512_vnni
+bool use_avx512_vbmi();  // use_avx512() && avx512_vbmi
 bool use_avx2();         // AVX2 + FMA + F16C, within the cap
 
 // ---- 16 x fp32 lanes from/to fp32, bf16, fp16 (AVX-512F only; bf16 stores round to nearest even) ----

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -153,61 +154,132 @@ FMK_AVX512 void stream_kernel(const T* x, const T* vals, const int32_t* meta, fl
   for (; n < n1; ++n) stream_rows<T, 1>(x, vals, meta, y, M, n, K, N, ldx);
 }
 
-// ---------------------------------------------------------------- AVX-512 "outer" kernel (larger M)
+// ---------------------------------------------------------------- AVX-512 "outer" kernel (M >= kOuterMinM)
+//
+// x^T is packed once per call in panels of MP = 16 * MB rows of x (xt[k * MP + i] = x[m0 + i, k], zero padded).
+// Each kept value v = W[n, c] is broadcast and FMA'd into the MB accumulators of row n with the x^T row c as
+// the memory operand: MB FMAs + MB zmm loads + 1 broadcast per kept value, no shuffles, half the FMAs of the
+// dense product. R rows of W are interleaved (R * MB independent accumulator chains; with 4 chains of one row
+// the FMA latency bounds the loop: 1.2x dense at M = 64 vs 1.5-2x with 8 chains, 1 core). Blocking: NB rows
+// of W x KB columns; the x^T slice (KB * MP * 4 bytes, 8-16 KB) stays in L1 while NB rows walk it, the row
+// accumulators live in yacc (NB, MP) between K blocks, and the next K block of each W row is prefetched
+// (without it KB = 64 ran at 0.55x the speed of KB = 32: NB rows of W 8 KB apart share L1 sets).
+constexpr int kOuterNB = 24;
 
-constexpr int kPanel = 64;  // rows of x per packed panel (4 zmm)
-constexpr int kKBlock = 512;  // columns of W per pass (the x^T panel slice stays in L2; 64 measured slower: W strided)
+template <typename T>
+FMK_AVX512 static inline const float* word_values(const T* vr, int64_t jv, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (jv == 16) return vr;
+  }
+  _mm512_store_ps(buf, jv == 16 ? load16(vr) : load16(vr, tail_mask(jv)));
+  return buf;
+}
 
-// xt: (K, kPanel) fp32 panel; yacc: (rows n1-n0, kPanel) fp32 accumulators.
-template <typename T, int MB>
-FMK_AVX512 void outer_panel(const float* xt, const T* vals, const int32_t* meta, float* yacc, int64_t n0,
-                            int64_t n1, int64_t K, int64_t kb0, int64_t kb1) {
+// One 32-column meta word of R rows: acc[r][j] += sum_i v[r][i] * xt[col(r, i)][16 j .. 16 j + 15].
+template <int MB, int R>
+FMK_AVX512 static inline void outer_word(const float* xb, const float* const* vr, const uint32_t* words,
+                                         __m512 (*acc)[MB]) {
+  constexpr int MP = 16 * MB;
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xb + (4 * (i >> 1) + ((words[r] >> (2 * i)) & 3u)) * MP;
+      const __m512 b = _mm512_set1_ps(vr[r][i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[r][j]);
+    }
+  }
+}
+
+// Rows n .. n + R - 1 over meta words w0 .. w1 - 1 (the last word of a row may be partial: K % 32 != 0).
+template <typename T, int MB, int R>
+FMK_AVX512 void outer_rows(const float* xt, const T* vals, const int32_t* meta, float* ya, int64_t n, int64_t K,
+                           int64_t w0, int64_t w1, bool first) {
+  constexpr int MP = 16 * MB;
   const int64_t half = K / 2, nw = (K + 31) / 32;
-  alignas(64) int32_t cols[16];
-  alignas(64) float vv[16];
-  for (int64_t n = n0; n < n1; ++n) {
-    float* ya = yacc + (n - n0) * kPanel;
-    __m512 acc[MB];
-    for (int j = 0; j < MB; ++j) acc[j] = _mm512_loadu_ps(ya + 16 * j);
-    for (int64_t w = kb0 / 32; w < (kb1 + 31) / 32 && w < nw; ++w) {
-      const int64_t jv = std::min<int64_t>(16, half - w * 16);
-      const __m512i idx = _mm512_add_epi32(perm_index(meta[n * nw + w]), _mm512_set1_epi32(static_cast<int>(w * 32)));
-      _mm512_store_si512(cols, _mm512_mullo_epi32(idx, _mm512_set1_epi32(kPanel)));
-      const T* vr = vals + n * half + w * 16;
-      _mm512_store_ps(vv, jv == 16 ? load16(vr) : load16(vr, tail_mask(jv)));
-      for (int64_t i = 0; i < jv; ++i) {
-        const __m512 b = _mm512_set1_ps(vv[i]);
-        const float* xr = xt + cols[i];
-        for (int j = 0; j < MB; ++j) acc[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[j]);
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ya + r * MP + 16 * j);
+  alignas(64) float buf[R][16];
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t jv = std::min<int64_t>(16, half - w * 16);
+    uint32_t words[R];
+    const float* vr[R];
+    for (int r = 0; r < R; ++r) {
+      const T* row = vals + (n + r) * half + w * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(row + (w1 - w0) * 16), _MM_HINT_T0);  // this row, next K block
+      words[r] = static_cast<uint32_t>(meta[(n + r) * nw + w]);
+      vr[r] = word_values(row, jv, buf[r]);
+    }
+    if (jv == 16) {
+      outer_word<MB, R>(xt + w * 32 * MP, vr, words, acc);
+    } else {
+      for (int64_t i = 0; i < jv; ++i)
+        for (int r = 0; r < R; ++r) {
+          const float* xr = xt + (w * 32 + 4 * (i >> 1) + ((words[r] >> (2 * i)) & 3u)) * MP;
+          const __m512 b = _mm512_set1_ps(vr[r][i]);
+          for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[r][j]);
+        }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(ya + r * MP + 16 * j, acc[r][j]);
+}
+
+// MB = 1, 2: 4 rows at a time; MB = 3, 4: 2 rows. KB * MP * 4 bytes of x^T per K block.
+template <int MB> constexpr int outer_r() { return MB <= 2 ? 4 : 2; }
+template <int MB> constexpr int outer_kb() { return MB == 1 ? 256 : MB == 2 ? 128 : 64; }
+
+// y[m0 .. m0 + rows, n0 .. n1] for one x^T panel.
+template <typename T, int MB>
+FMK_AVX512 void outer_panel(const float* xt, const T* vals, const int32_t* meta, float* y, int64_t m0, int64_t rows,
+                            int64_t n0, int64_t n1, int64_t K, int64_t N) {
+  constexpr int MP = 16 * MB, R = outer_r<MB>(), KB = outer_kb<MB>();
+  const int64_t nw = (K + 31) / 32;
+  alignas(64) float yacc[kOuterNB * MP];
+  for (int64_t nb = n0; nb < n1; nb += kOuterNB) {
+    const int64_t ne = std::min<int64_t>(n1, nb + kOuterNB);
+    for (int64_t w0 = 0; w0 < nw; w0 += KB / 32) {
+      const int64_t w1 = std::min<int64_t>(nw, w0 + KB / 32);
+      int64_t n = nb;
+      for (; n + R <= ne; n += R) outer_rows<T, MB, R>(xt, vals, meta, yacc + (n - nb) * MP, n, K, w0, w1, w0 == 0);
+      for (; n < ne; ++n) outer_rows<T, MB, 1>(xt, vals, meta, yacc + (n - nb) * MP, n, K, w0, w1, w0 == 0);
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t n = nb; n < ne; ++n) y[(m0 + i) * N + n] = yacc[(n - nb) * MP + i];
+  }
+}
+
+template <typename T>
+FMK_AVX512 void outer_rows_all(const float* xt, const T* vals, const int32_t* meta, float* y, int64_t M, int64_t n0,
+                               int64_t n1, int64_t K, int64_t N, int64_t mp) {
+  for (int64_t m0 = 0; m0 < M; m0 += mp) {
+    const int64_t rows = std::min<int64_t>(mp, M - m0);
+    const float* xp = xt + m0 * K;  // panel m0 / mp, (K, mp)
+    switch ((rows + 15) / 16) {
+      case 4: outer_panel<T, 4>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      case 3: outer_panel<T, 3>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      case 2: outer_panel<T, 2>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      default: outer_panel<T, 1>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+    }
+  }
+}
+
+// Panels of mp rows (the last one padded to a multiple of 16): xt[m0 * K + k * mpp + i] = x[m0 + i, k].
+template <typename T>
+void pack_xt(const T* x, float* xt, int64_t M, int64_t K, int64_t ldx, int64_t mp, int64_t k0, int64_t k1) {
+  for (int64_t m0 = 0; m0 < M; m0 += mp) {
+    const int64_t rows = std::min<int64_t>(mp, M - m0), mpp = (rows + 15) / 16 * 16;
+    float* panel = xt + m0 * K;
+    for (int64_t kb = k0; kb < k1; kb += 64) {  // the destination block stays in L1
+      const int64_t ke = std::min<int64_t>(k1, kb + 64);
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* xr = x + (m0 + i) * ldx;
+        for (int64_t k = kb; k < ke; ++k) panel[k * mpp + i] = static_cast<float>(xr[k]);
       }
-    }
-    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(ya + 16 * j, acc[j]);
-  }
-}
-
-template <typename T>
-FMK_AVX512 void pack_xt(const T* x, float* xt, int64_t m0, int64_t rows, int64_t K, int64_t ldx) {
-  // xt[k * kPanel + i] = x[m0 + i, k], zero for i >= rows
-  for (int64_t k = 0; k < K; ++k) std::fill(xt + k * kPanel + rows, xt + (k + 1) * kPanel, 0.0f);
-  for (int64_t k0 = 0; k0 < K; k0 += 64) {  // k blocked: the destination block stays in L1
-    const int64_t k1 = std::min<int64_t>(K, k0 + 64);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* xr = x + (m0 + i) * ldx;
-      for (int64_t k = k0; k < k1; ++k) xt[k * kPanel + i] = static_cast<float>(xr[k]);
-    }
-  }
-}
-
-template <typename T>
-FMK_AVX512 void outer_kernel_rows(const float* xt, const T* vals, const int32_t* meta, float* yacc, int64_t n0,
-                                  int64_t n1, int64_t K, int mb) {
-  for (int64_t kb = 0; kb < K; kb += kKBlock) {
-    const int64_t kb1 = std::min<int64_t>(K, kb + kKBlock);
-    switch (mb) {
-      case 4: outer_panel<T, 4>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      case 3: outer_panel<T, 3>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      case 2: outer_panel<T, 2>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      default: outer_panel<T, 1>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
+      for (int64_t k = kb; k < ke; ++k)
+        for (int64_t i = rows; i < mpp; ++i) panel[k * mpp + i] = 0.0f;
     }
   }
 }
@@ -247,11 +319,12 @@ void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
 }
 
 // Which kernel: FMK_SPARSE24_KERNEL=stream|outer overrides (benchmarks); default by M.
-int64_t stream_max_m() {
+constexpr int64_t kOuterMinM = 8;  // stream below, outer from here (crossover measured: see the header comment)
+int64_t outer_min_m() {
   const char* e = std::getenv("FMK_SPARSE24_KERNEL");
   if (e && std::string(e) == "stream") return INT64_MAX;
   if (e && std::string(e) == "outer") return 0;
-  return 128;  // stream measured faster than outer up to M = 64 (2 cores Zen 4); beyond, dispatch picks dense anyway
+  return kOuterMinM;
 }
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in,
@@ -261,7 +334,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
               x_in.scalar_type(), " and ", values_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
-  at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  // every kernel writes all of y when K > 0
+  at::Tensor y32 = K > 0 ? at::empty({M, N}, x.options().dtype(at::kFloat)) : at::zeros({M, N}, x.options().dtype(at::kFloat));
   if (M > 0 && N > 0 && K > 0) {
     float* yp = y32.data_ptr<float>();
     const int32_t* mp = meta.data_ptr<int32_t>();
@@ -271,25 +345,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
       const scalar_t* vp = values.data_ptr<scalar_t>();
       if (!avx512) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { portable_rows<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
-      } else if (M <= stream_max_m()) {
+      } else if (M < outer_min_m()) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { stream_kernel<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
       } else {
-        const int64_t npanel = (M + kPanel - 1) / kPanel;
-        std::vector<float> xt(static_cast<size_t>(npanel) * K * kPanel);
-        at::parallel_for(0, npanel, 1, [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p)
-            pack_xt<scalar_t>(xp, xt.data() + p * K * kPanel, p * kPanel, std::min<int64_t>(kPanel, M - p * kPanel), K, K);
-        });
-        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-          std::vector<float> yacc(static_cast<size_t>(n1 - n0) * kPanel);
-          for (int64_t p = 0; p < npanel; ++p) {
-            const int64_t rows = std::min<int64_t>(kPanel, M - p * kPanel);
-            std::fill(yacc.begin(), yacc.end(), 0.0f);
-            outer_kernel_rows<scalar_t>(xt.data() + p * K * kPanel, vp, mp, yacc.data(), n0, n1, K,
-                                        static_cast<int>((rows + 15) / 16));
-            for (int64_t i = 0; i < rows; ++i)
-              for (int64_t n = n0; n < n1; ++n) yp[(p * kPanel + i) * N + n] = yacc[(n - n0) * kPanel + i];
-          }
+        constexpr int64_t mp_max = 64;  // rows of x per panel
+        std::vector<float> xt(static_cast<size_t>((M + 15) / 16 * 16) * K);
+        at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) { pack_xt<scalar_t>(xp, xt.data(), M, K, K, mp_max, k0, k1); });
+        at::parallel_for(0, N, kOuterNB, [&](int64_t n0, int64_t n1) {
+          outer_rows_all<scalar_t>(xt.data(), vp, mp, yp, M, n0, n1, K, N, mp_max);
         });
       }
     });

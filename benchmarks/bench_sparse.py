@@ -1,4 +1,5 @@
-"""Sparse matmuls vs their dense peers, N = K = 4096, M in {1, 16, 64, 256, 2048}, side by side in one run:
+"""Sparse matmuls vs their dense peers, N = K = 4096, M in {1, 16, 64, 256, 2048} (2:4 float also 32, 512, 1024),
+side by side in one run:
 
 - 2:4 SparseLinear (the sparse kernel, forced, and the layer's automatic sparse/dense choice) vs dense
   nn.Linear, fp32 and bf16;
@@ -36,6 +37,8 @@ from fmkernels.sparsity import pruning as P  # noqa: E402
 
 N = K = 4096
 MS = (1, 16, 64, 256, 2048)
+# 2:4 float: the issue's M values plus 32 (the M <= 64 target) and 512 / 1024 (where the sparse/dense crossover is)
+MS_24 = (1, 16, 32, 64, 256, 512, 1024, 2048)
 FULL = os.environ.get("FMK_BENCH_FULL", "0") == "1"
 MS_SHORT = MS if FULL else (1, 16, 64, 256)
 BSR_SPARSITY = (0.5, 0.8, 0.9) if FULL else (0.8,)
@@ -55,7 +58,7 @@ def _cases():
         lin.weight.data = w
         sl = SparseLinear.from_dense(lin, prune=True)
         v, m = sl.values.detach(), sl.meta
-        for M in (MS if dname == "fp32" else MS_SHORT):
+        for M in MS_24:
             x = torch.randn(M, K).to(dtype)
             out.append(("2:4", dname, M, lambda x=x, w=w: F.linear(x, w),
                         lambda x=x, v=v, m=m: fk.sparse24_mm(x, v, m, backend="cpu"),
@@ -101,7 +104,7 @@ def _ids():
 def _cases_index():
     idx = []
     for dname in ("fp32", "bf16"):
-        for M in (MS if dname == "fp32" else MS_SHORT):
+        for M in MS_24:
             idx.append(("2:4", dname, M))
     for M in MS_SHORT:
         idx.append(("2:4", "int8", M))

@@ -1,16 +1,18 @@
 // 2:4 semi-structured sparse matmul on CPU: y = x @ W^T (+ bias), W (N, K) stored as values (N, K/2) + meta
 // int32 (N, ceil(K/32)) (2-bit in-group positions, 16 per word; layout in fmkernels/reference/sparse.py).
 //
-// Two AVX-512 kernels, picked by M (rows of x):
-//  - "stream" (M <= 128): walks W rows in pairs; for each 16 columns of x (one zmm) the 8 kept values of row n
-//    and the 8 of row n+1 share a vpermps (single source) whose index comes from the two meta words (srlv +
-//    ternlog); lanes 0-7 accumulate row n, 8-15 row n+1. (Single-row fallback for odd rows: vpermt2ps over 32
-//    columns.) Measured 1.03-1.29x dense at M = 64, 1.5-1.8x at M = 1, 2-3.6x at M = 16 (N = K = 4096, 2 cores).
-//    W is read once per 4 rows of x as K/2 values + K/8 bytes of meta. FMK_SPARSE24_PAIRS=0 selects the
-//    single-row vpermt2ps variant for every row (benchmark knob); FMK_SPARSE24_KERNEL=stream|outer forces one.
-//  - "outer" (larger M, compute-bound): x is packed once as x^T panels (K, 64 rows of x); each kept value
-//    is broadcast and multiplied into the 64-row panel row of its column (4 FMAs with a memory operand per
-//    kept value, no shuffles). Half the FMAs of the dense product.
+// Two AVX-512 kernels, picked by M (rows of x); FMK_SPARSE24_KERNEL=stream|outer forces one (tests, benchmarks):
+//  - "stream" (M < 12, memory-bound): walks W rows in pairs; for each 16 columns of x (one zmm) the 8 kept values
+//    of row n and the 8 of row n+1 share a vpermps (single source) whose index comes from the two meta words
+//    (srlv + ternlog); lanes 0-7 accumulate row n, 8-15 row n+1. W is read once per 4 rows of x as K/2 values +
+//    K/8 bytes of meta. (Single-row fallback for odd rows: vpermt2ps over 32 columns; FMK_SPARSE24_PAIRS=0
+//    selects it for every row.) 1.5-2.2x dense at M = 1, 1 and 2 threads.
+//  - "outer" (M >= 12, compute-bound): x^T packed once per call in 64-row panels; each kept value is broadcast
+//    and FMA'd into its row's accumulators with the x^T row of its column as the memory operand: no shuffles,
+//    half the FMAs of the dense product (details at outer_word). N = K = 4096, 1 thread, vs nn.Linear:
+//    M = 16 2.1x, 32 2.0-2.2x, 64 1.8-1.9x, 256 1.35-1.46x, 2048 0.93x (the stream kernel it replaced at
+//    M >= 12: 1.16x at M = 64). Crossover with stream (1 thread): M = 11 stream 6.5 ms vs outer 7.6 ms,
+//    M = 12 7.4 vs 6.4 ms.
 // Also the backward pieces: sampled grad for the kept values only (grad_values[n, j] = sum_m gy[m,n] x[m,c]).
 // Parallel over output rows n (at::parallel_for); portable scalar fallback when AVX-512 is off.
 #include <ATen/ATen.h>
@@ -319,7 +321,7 @@ void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
 }
 
 // Which kernel: FMK_SPARSE24_KERNEL=stream|outer overrides (benchmarks); default by M.
-constexpr int64_t kOuterMinM = 8;  // stream below, outer from here (crossover measured: see the header comment)
+constexpr int64_t kOuterMinM = 12;  // stream below, outer from here (crossover measured: see the header comment)
 int64_t outer_min_m() {
   const char* e = std::getenv("FMK_SPARSE24_KERNEL");
   if (e && std::string(e) == "stream") return INT64_MAX;
@@ -349,10 +351,13 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { stream_kernel<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
       } else {
         constexpr int64_t mp_max = 64;  // rows of x per panel
-        std::vector<float> xt(static_cast<size_t>((M + 15) / 16 * 16) * K);
-        at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) { pack_xt<scalar_t>(xp, xt.data(), M, K, K, mp_max, k0, k1); });
+        // (K, 16 * ceil(M / 16)) in 64-row panels, 64-byte aligned (c10's allocator): each x^T row slice is
+        // whole cache lines
+        at::Tensor xt_t = at::empty({(M + 15) / 16 * 16 * K}, x.options().dtype(at::kFloat));
+        float* xt = xt_t.data_ptr<float>();
+        at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) { pack_xt<scalar_t>(xp, xt, M, K, K, mp_max, k0, k1); });
         at::parallel_for(0, N, kOuterNB, [&](int64_t n0, int64_t n1) {
-          outer_rows_all<scalar_t>(xt.data(), vp, mp, yp, M, n0, n1, K, N, mp_max);
+          outer_rows_all<scalar_t>(xt, vp, mp, yp, M, n0, n1, K, N, mp_max);
         });
       }
     });

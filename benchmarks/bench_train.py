@@ -8,6 +8,9 @@ steps minus RSS before the first step (activations + gradients + optimizer state
 
     .venv/bin/python benchmarks/bench_train.py                 # anchor config + vocab 32768 memory check
     .venv/bin/python benchmarks/bench_train.py --quick         # fewer steps
+    .venv/bin/python benchmarks/bench_train.py --vocabs 8192 --dtypes fp32,int8   # one vocab, two modes
+dtype int8 = the trainer's `--int8_training true` switch (fmkernels.Int8TrainingConfig) on the fmkernels model,
+against the plain model in fp32 (a precision change, reported as its own row, not as fp32).
 Writes bench-results/bench_train.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -47,6 +50,10 @@ def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: i
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
     model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
+    if dtype == "int8" and impl == "fmkernels":
+        import fmkernels
+
+        fmkernels.quantize_(model, fmkernels.Int8TrainingConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
@@ -89,6 +96,10 @@ def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch:
     fm = Transformer(cfg)
     pl = PlainTransformer(cfg)
     pl.load_state_dict(fmk_to_plain_state_dict(fm.state_dict(), cfg))
+    if dtype == "int8":  # the trainer's int8_training switch on the fmkernels model; both models step in fp32
+        import fmkernels
+
+        fmkernels.quantize_(fm, fmkernels.Int8TrainingConfig())
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (fm, pl)}
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
@@ -121,7 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--vocabs", default="8192,32768")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16,int8",
+                   help="fp32 | bf16 (autocast, both models) | int8 (fmkernels with the int8_training switch vs plain fp32)")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)

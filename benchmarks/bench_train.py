@@ -127,6 +127,62 @@ def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch:
                 fmk_step_times=tf, plain_step_times=tp)
 
 
+# --- pytest-benchmark entry (`fmk bench -k train_step`): one training step at the anchor config, fmkernels model
+# vs plain twin (same init), fp32 / bf16 autocast / int8-training switch. The script above adds peak memory and
+# strictly alternating steps; this puts the step into the suite's report.
+def _step_fn(impl: str, dtype: str, vocab: int = 8192, dim: int = 384, layers: int = 6, heads: int = 6,
+             batch: int = 8, seq: int = 256):
+    import torch
+
+    import fmkernels
+    from fmkernels.models import PlainTransformer, Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
+    model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
+    if dtype == "int8" and impl == "fmkernels":
+        fmkernels.quantize_(model, fmkernels.Int8TrainingConfig())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, vocab, (batch, seq))
+    y = torch.randint(0, vocab, (batch, seq))
+
+    def fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = 6 * model.num_params() * batch * seq  # ~6 N T: matmul FLOPs (tied head counted once), attention not
+    return fn, flops
+
+
+def _pytest_params():
+    import pytest
+
+    return pytest.mark.parametrize("impl", ["fmkernels", "plain"]), pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+
+
+try:
+    _impl_param, _dtype_param = _pytest_params()
+
+    @_impl_param
+    @_dtype_param
+    def test_train_step(benchmark, impl, dtype):
+        from benchmarks.harness import QUICK, measure
+
+        if dtype == "int8" and impl == "plain":
+            dtype_plain = "fp32"  # the int8 row compares against plain fp32
+        else:
+            dtype_plain = dtype
+        fn, flops = _step_fn(impl, dtype if impl == "fmkernels" else dtype_plain)
+        measure(benchmark, fn, group=f"train step {dtype} d384 x 6 layers, batch 8 x 256, vocab 8192",
+                label=f"fmkernels ({dtype})" if impl == "fmkernels" else f"plain PyTorch eager ({dtype_plain})",
+                peer=impl == "plain", flops=flops, rounds=3 if QUICK else 5)
+except ImportError:  # pytest is not installed: the script still runs
+    pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")

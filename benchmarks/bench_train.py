@@ -41,34 +41,43 @@ def _hwm_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int,
-              steps: int) -> dict:
+# --- pytest-benchmark entry (`fmk bench -k train_step`): one training step at the anchor config, fmkernels model
+# vs plain twin, fp32 / bf16 autocast / int8-training switch. The script above adds peak memory and
+# strictly alternating steps; this puts the step into the suite's report.
+def _step_fn(impl: str, dtype: str, vocab: int = 8192, dim: int = 384, layers: int = 6, heads: int = 6,
+             batch: int = 8, seq: int = 256):
     import torch
 
+    import fmkernels
     from fmkernels.models import PlainTransformer, Transformer, TransformerConfig
 
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
     model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
     if dtype == "int8" and impl == "fmkernels":
-        import fmkernels
-
         fmkernels.quantize_(model, fmkernels.Int8TrainingConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
 
-    def step():
-        if ctx is None:
+    def fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(x, y)
-        else:
-            with ctx():
-                loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    flops = 6 * model.num_params() * batch * seq  # ~6 N T: matmul FLOPs (tied head counted once), attention not
+    fn.model = model
+    return fn, flops
+
+
+def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int,
+              steps: int) -> dict:
+    import torch
+
+    step, _ = _step_fn(impl, dtype, vocab, dim, layers, heads, batch, seq)
 
     rss0 = _rss_bytes()
     max0 = _hwm_bytes()
@@ -81,7 +90,7 @@ def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: i
         times.append(time.perf_counter() - t)
     peak = _hwm_bytes()
     med = statistics.median(times)
-    return dict(impl=impl, dtype=dtype, vocab=vocab, params=sum(p.numel() for p in model.parameters()),
+    return dict(impl=impl, dtype=dtype, vocab=vocab, params=sum(p.numel() for p in step.model.parameters()),
                 step_s=med, tokens_per_s=batch * seq / med, peak_mem_mb=(max(peak, max0) - rss0) / 2**20,
                 threads=torch.get_num_threads())
 
@@ -125,36 +134,6 @@ def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch:
     mf, mp = statistics.median(tf), statistics.median(tp)
     return dict(fmk_tokens_per_s=batch * seq / mf, plain_tokens_per_s=batch * seq / mp, speedup=mp / mf,
                 fmk_step_times=tf, plain_step_times=tp)
-
-
-# --- pytest-benchmark entry (`fmk bench -k train_step`): one training step at the anchor config, fmkernels model
-# vs plain twin (same init), fp32 / bf16 autocast / int8-training switch. The script above adds peak memory and
-# strictly alternating steps; this puts the step into the suite's report.
-def _step_fn(impl: str, dtype: str, vocab: int = 8192, dim: int = 384, layers: int = 6, heads: int = 6,
-             batch: int = 8, seq: int = 256):
-    import torch
-
-    import fmkernels
-    from fmkernels.models import PlainTransformer, Transformer, TransformerConfig
-
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
-    model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
-    if dtype == "int8" and impl == "fmkernels":
-        fmkernels.quantize_(model, fmkernels.Int8TrainingConfig())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, vocab, (batch, seq))
-    y = torch.randint(0, vocab, (batch, seq))
-
-    def fn():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    flops = 6 * model.num_params() * batch * seq  # ~6 N T: matmul FLOPs (tied head counted once), attention not
-    return fn, flops
 
 
 def _pytest_params():

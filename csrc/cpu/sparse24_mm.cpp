@@ -363,7 +363,10 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
       if (!avx512) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { portable_rows<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
       } else if (M < outer_min_m()) {
-        parallel_rows(N, 128, [&](int64_t n0, int64_t n1) { stream_kernel<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
+        // One thread: the stream kernel is memory-bound, and on the shared cores waking torch's second thread
+        // (OMP_WAIT_POLICY=PASSIVE) and waiting for it at the region's barrier cost more than it brings:
+        // M = 1, N = K = 4096: 1 thread 2.2-2.5 ms, 2 threads 8-24 ms (min 2.4 ms), dense nn.Linear 3.4 ms either way.
+        stream_kernel<scalar_t>(xp, vp, mp, yp, M, 0, N, K, N, K);
       } else {
         constexpr int64_t mp_max = 64;  // rows of x per panel
         // (K, 16 * ceil(M / 16)) in 64-row panels, 64-byte aligned (c10's allocator): each x^T row slice is

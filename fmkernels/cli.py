@@ -1,4 +1,4 @@
-"""The `fmk` command: fmk train | finetune | merge | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | merge | prune | quantize | eval | generate | info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
@@ -7,6 +7,8 @@
     fmk finetune --from DIR --corpus NEW_CORPUS --max_steps 200 --out_dir FT   # same fields as train
     fmk finetune --from DIR --corpus NEW_CORPUS --lora_rank 8 --out_dir FT     # LoRA (--lora_base int8: QLoRA)
     fmk merge --checkpoint FT --out_dir MERGED   # LoRA adapters folded into dense weights
+    fmk prune --checkpoint DIR --out_dir PRUNED [--method wanda] [--recover_steps 200]      # 2:4, then recover
+    fmk quantize --checkpoint DIR --out_dir Q --format int8|int4 [--group_size 128] [--recover_steps 200]  # QAT
     fmk eval --checkpoint DIR
     fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
 """
@@ -89,6 +91,29 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_compress(args) -> int:
+    from .data.corpus import CorpusError
+    from .models.config import ConfigError
+    from .train import compress
+    from .train.checkpoint import CheckpointError
+
+    kw = dict(recover_steps=args.recover_steps, eval_tokens=args.eval_tokens, eval_batch_size=args.eval_batch_size,
+              lr=args.lr, batch_size=args.batch_size, threads=args.threads)
+    try:
+        if args.cmd == "prune":
+            rows = compress.prune_checkpoint(args.checkpoint, args.out_dir, method=args.method,
+                                             calib_batches=args.calib_batches, **kw)
+        else:
+            rows = compress.quantize_checkpoint(args.checkpoint, args.out_dir, format=args.format,
+                                                group_size=args.group_size, **kw)
+    except (ConfigError, CheckpointError, CorpusError) as e:
+        print(f"fmk {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    print(compress.format_table(rows))
+    print(f"compressed checkpoint: {rows[-1]['checkpoint']}  (fmk eval / fmk generate --checkpoint {args.out_dir})")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .train.evaluate import evaluate_checkpoint
 
@@ -96,7 +121,8 @@ def _cmd_eval(args) -> int:
                             batch_size=args.batch_size)
     print(json.dumps(r, indent=1) if args.json else
           f"{r['checkpoint']} (step {r['step']}): validation loss {r['val_loss']:.4f}, "
-          f"{r['val_bpb']:.4f} bits per byte over {r['tokens']:,} tokens / {r['bytes']:,} bytes of {r['corpus']}")
+          f"{r['val_bpb']:.4f} bits per byte over {r['tokens']:,} tokens / {r['bytes']:,} bytes of {r['corpus']} "
+          f"({r['tokens_per_s']:,.0f} tokens/s)")
     return 0
 
 
@@ -140,6 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
     s.add_argument("--out_dir", "--out-dir", required=True, help="where the dense checkpoint is written")
     s.set_defaults(func=_cmd_merge)
+
+    def compress_args(s):
+        s.add_argument("--checkpoint", required=True, help="a dense checkpoint (run directory or checkpoint dir)")
+        s.add_argument("--out_dir", "--out-dir", required=True, help="where the compressed checkpoint is written")
+        s.add_argument("--recover_steps", "--recover-steps", type=int, default=0,
+                       help="fine-tuning steps to recover (0: one-shot only)")
+        s.add_argument("--lr", type=float, default=None, help="recovery learning rate (default 3e-4)")
+        s.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                       help="recovery batch size (default: the checkpoint's)")
+        s.add_argument("--threads", type=int, default=None)
+        s.add_argument("--eval_tokens", "--eval-tokens", type=int, default=None,
+                       help="evaluate on the first N validation tokens (default: the full split)")
+        s.add_argument("--eval_batch_size", "--eval-batch-size", type=int, default=16)
+        s.set_defaults(func=_cmd_compress)
+
+    s = sub.add_parser("prune", help="2:4-prune a checkpoint (sparsify_), evaluate, optionally recover by sparse "
+                       "fine-tuning; writes a checkpoint fmk eval / generate load")
+    compress_args(s)
+    s.add_argument("--method", choices=("wanda", "magnitude"), default="wanda",
+                   help="pruning score (wanda: |W| x input-channel norm from calibration batches)")
+    s.add_argument("--calib_batches", "--calib-batches", type=int, default=8,
+                   help="calibration batches (8 x seq_len tokens each) from the corpus, for wanda")
+
+    s = sub.add_parser("quantize", help="quantize a checkpoint (quantize_: int8 W8A8 or int4 weight-only), "
+                       "evaluate, optionally recover with QAT; writes a checkpoint fmk eval / generate load")
+    compress_args(s)
+    s.add_argument("--format", choices=("int8", "int4"), default="int8")
+    s.add_argument("--group_size", "--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
     s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")

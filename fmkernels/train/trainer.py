@@ -31,7 +31,8 @@ from .parallel import (DistInfo, apply_activation_checkpointing, apply_transform
                        teardown_distributed, unwrap, wrap_distributed)
 
 EXIT_OK, EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM = 0, 3, 130, 143
-CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"]
+CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
+              "flops"]
 
 
 class NonFiniteError(RuntimeError):
@@ -351,6 +352,11 @@ class Trainer:
             sd = pre["model"] if cfg.model_impl == "fmkernels" else fmk_to_plain_state_dict(pre["model"], self.mcfg)
             model.load_state_dict(sd)
         apply_transforms(model, cfg.int8_training, cfg.sparsity)
+        if cfg.qat:
+            from .compress import apply_qat
+
+            n = apply_qat(model, cfg.qat, cfg.qat_group_size)
+            self.log(f"QAT: fake {cfg.qat} quantization on {n} block linears")
         from .finetune import apply_freezing, attach_lora, trainable_summary
 
         frozen = apply_freezing(model, cfg.freeze_embeddings, cfg.freeze_blocks)
@@ -373,8 +379,15 @@ class Trainer:
         fill = self.data.tokenizer.encode(" ")
         self.augment = TokenAugment(cfg.aug_crop, cfg.aug_token_dropout, cfg.aug_span_mask, cfg.aug_span_len,
                                     int(fill[0]) if fill else 0)
-        self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
+        from .selection import build_selection, train_flops_per_token
+
+        self.selection = build_selection(cfg, self.data, self.mcfg, info, self.device, lambda: unwrap(self.model),
+                                         self._autocast, self.log)
+        self.sampler = self.selection.sampler
+        self.flops_per_step = train_flops_per_token(self.mcfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len \
+            * cfg.grad_accum + self.selection.score_flops_per_step  # per rank
         self.step, self.tokens, self.train_time, self.best_val_bpb, self.nonfinite = 0, 0, 0.0, None, 0
+        self.train_time = self.selection.upfront_time_s  # offline scoring is part of the run's cost
         self.lr, self.last_ckpt, self.tb, self.last_saved_step = cfg.lr, None, None, None
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout stream, distinct per rank
         if cfg.resume:
@@ -501,7 +514,7 @@ class Trainer:
                     t_window, tok_window = now, 0
                     self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
                                        loss=repr(loss), lr=f"{self.lr:.6g}", grad_norm=f"{gn:.4g}",
-                                       tokens_per_s=f"{tps:.1f}"))
+                                       tokens_per_s=f"{tps:.1f}", flops=f"{self.flops():.4g}"))
                     if pbar is not None:
                         pbar.set_postfix(step=self.step, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{self.lr:.2e}")
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
@@ -522,7 +535,7 @@ class Trainer:
             summary = dict(step=self.step, tokens=self.tokens, train_time_s=self.train_time,
                            tokens_per_s=self.tokens / max(self.train_time, 1e-9), final_train_loss=last_loss,
                            stop_reason=stop_reason, exit_code=exit_code, params=n_params,
-                           corpus_hash=self.data.corpus_hash)
+                           corpus_hash=self.data.corpus_hash, flops=self.flops(), **self.selection.summary)
             if exit_code == EXIT_OK:
                 if self.last_saved_step != self.step:
                     self.save()
@@ -547,6 +560,10 @@ class Trainer:
             self.tb.close()
         return summary
 
+    def flops(self) -> float:
+        """Training + scoring FLOPs so far, all ranks (selection.py's cost model)."""
+        return (self.selection.upfront_flops + self.step * self.flops_per_step) * self.info.world
+
     def _eval_and_log(self, max_tokens, final: bool):
         vl, vb = self.evaluate(max_tokens)
         if self.best_val_bpb is None or vb < self.best_val_bpb:
@@ -554,7 +571,7 @@ class Trainer:
         what = "full validation split" if max_tokens is None else f"first {max_tokens:,} validation tokens"
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
         self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}"))
+                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}"))
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:

@@ -11,8 +11,9 @@ uniform run's training FLOPs):
   offline loss     select_mode=offline, select_ratio=0.5, select_scorer = the reference run: the top half of the
                    windows by the reference model's loss; `steps` training steps, the one-off scoring pass is
                    reported beside (it scores the whole training split once)
-The reference run (uniform, `ref_steps` steps on the same corpus) is a one-off cost shared by the last two, reported
-separately as RHO-loss does.
+  online ..., same steps   the online runs again with `steps` steps (more FLOPs): does a selected step teach more?
+The reference run (uniform, `ref_steps` steps on the same corpus) is a one-off cost shared by the RHO and offline
+runs, reported separately as RHO-loss does.
 """
 import argparse
 import csv
@@ -84,16 +85,19 @@ def main():
     steps_loss = round(a.steps * train_step / (train_step + fwd))
     steps_rho = round(a.steps * train_step / (train_step + 2 * fwd))
     refdir = str(root / "reference")
-    runs = {
-        "uniform": run("uniform", max_steps=a.steps),
-        "online loss": run("online_loss", max_steps=steps_loss, select_mode="online", select_ratio=a.ratio),
-        "online RHO": run("online_rho", max_steps=steps_rho, select_mode="online", select_ratio=a.ratio,
-                          select_reference=refdir),
-        "offline loss (scorer = reference)": run("offline_loss", max_steps=a.steps, select_mode="offline",
-                                                 select_ratio=a.ratio, select_scorer=refdir),
-    }
-    dirs = {"uniform": "uniform", "online loss": "online_loss", "online RHO": "online_rho",
-            "offline loss (scorer = reference)": "offline_loss"}
+    online = dict(select_mode="online", select_ratio=a.ratio)
+    rho = dict(online, select_reference=refdir)
+    plan = [  # (name, run directory, fields)
+        ("uniform", "uniform", dict(max_steps=a.steps)),
+        ("online loss", "online_loss", dict(online, max_steps=steps_loss)),
+        ("online RHO", "online_rho", dict(rho, max_steps=steps_rho)),
+        ("offline loss (scorer = reference)", "offline_loss",
+         dict(max_steps=a.steps, select_mode="offline", select_ratio=a.ratio, select_scorer=refdir)),
+        ("online loss, same steps (more FLOPs)", "online_loss_steps", dict(online, max_steps=a.steps)),
+        ("online RHO, same steps (more FLOPs)", "online_rho_steps", dict(rho, max_steps=a.steps)),
+    ]
+    runs = {name: run(d, **kw) for name, d, kw in plan}
+    dirs = {name: d for name, d, _ in plan}
     L = []
     L.append(f"Corpus: stdlib files [{a.files}] ({sum(p.stat().st_size for p in c.iterdir()) / 1e6:.1f} MB), byte tokenizer, "
              f"val_fraction 0.2; {a.preset} preset, seq {T}, batch {B}, lr 3e-3 cosine, fp32, seed {a.seed}. "
@@ -109,13 +113,15 @@ def main():
         L.append(f"| {name} | {s['step']} | {tr:.3g} | {sc:.3g} | {s['flops']:.3g} | {s['train_time_s']:.0f} | "
                  f"{s['val_bpb']:.4f} | {s['val_bpb'] - u['val_bpb']:+.4f} |")
     L.append("")
-    L.append("Validation bits/byte during the runs (first 32,768 validation tokens; FLOPs and seconds at that point):")
+    L.append("Validation bits/byte during the runs, at 1/4, 1/2 and 3/4 of each run's steps (first 32,768 validation "
+             "tokens) and at the end (full split); FLOPs (training + scoring) and training seconds at that point:")
     L.append("")
-    L.append("| run | " + " | ".join(f"point {i + 1}" for i in range(4)) + " |")
-    L.append("|---|" + "---|" * 4)
+    L.append("| run | 1/4 | 1/2 | 3/4 | end |")
+    L.append("|---|---|---|---|---|")
     for name, d in dirs.items():
-        pts = curve(root / d)[:4]
-        L.append(f"| {name} | " + " | ".join(f"{v:.3f} @ {f:.2g} FLOPs / {t:.0f} s" for _, t, f, v in pts) + " |")
+        pts = curve(root / d)
+        pts = pts[:-1][:3] + pts[-1:]
+        L.append(f"| {name} | " + " | ".join(f"{v:.3f} @ {f:.2g} / {t:.0f} s" for _, t, f, v in pts) + " |")
     text = "\n".join(L)
     print(text)
     if a.md:

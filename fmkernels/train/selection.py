@@ -29,6 +29,10 @@ from ..data.corpus import CorpusError
 from ..models.config import ConfigError, TransformerConfig
 
 MODES = ("none", "online", "offline")
+# Scoring materialises fp32 logits in chunks of at most this many bytes: 1.6x faster than one fused
+# linear_cross_entropy call per row at the tiny preset (B 32, T 64, V 256), equal at small (T 256, V 4096)
+# (2 cores, AVX-512, loaded machine; medians of 5).
+LOGITS_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------------- cost model
@@ -49,12 +53,16 @@ def train_flops_per_token(mcfg: TransformerConfig, seq_len: int) -> float:
 def per_example_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) mean next-token loss (nats) of each row of x (B, T) against y (B, T), fp32, no gradient."""
     if hasattr(model, "hidden_states") and hasattr(model, "head_weight"):
-        from .. import ops
-
         h = model.hidden_states(x)  # (B, T, dim)
-        w = model.head_weight
-        out = torch.stack([ops.linear_cross_entropy(h[i], w, y[i], reduction="sum") for i in range(x.shape[0])])
-        return out.float() / y.shape[1]
+        w = model.head_weight  # (V, dim)
+        B, T = y.shape
+        rows = max(1, (LOGITS_CHUNK_BYTES // 4) // max(1, T * w.shape[0]))  # rows of fp32 (T, V) logits per chunk
+        out = []
+        for i in range(0, B, rows):
+            logits = F.linear(h[i : i + rows], w).float()  # (rows, T, V)
+            nll = F.cross_entropy(logits.flatten(0, 1), y[i : i + rows].flatten(), reduction="none")
+            out.append(nll.view(-1, T).mean(1))
+        return torch.cat(out)
     logits = model(x)  # (B, T, V)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
     return nll.view(y.shape).mean(1)

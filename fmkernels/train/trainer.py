@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import BatchSampler, bits_per_byte, eval_windows, prepare_data
+from ..data import bits_per_byte, eval_windows, prepare_data
 from ..models import PlainTransformer, Transformer, fmk_to_plain_state_dict, plain_to_fmk_state_dict
 from . import checkpoint as ckpt
 from .config import TrainConfig

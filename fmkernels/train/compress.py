@@ -285,7 +285,8 @@ def quantize_checkpoint(path, out_dir, format: str = "int8", group_size: int = 1
         n_lin = n + sum(type(x) is nn.Linear for x in m.modules())
         log(f"fmk quantize: {name} on {n} of {n_lin} linear layers (the others do not fit the format)")
         if n == 0:
-            raise ConfigError(f"fmk quantize: no linear layer of this model fits {name}")
+            raise ConfigError(f"format {format!r}: no linear layer of this model fits {name} (group_size must divide "
+                              f"in_features)")
         return m
 
     rows = [dict(name="dense", **_eval(pre["path"], eval_tokens, eval_batch_size))]

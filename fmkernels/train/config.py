@@ -76,6 +76,15 @@ class TrainConfig:
     aug_span_mask: float = 0.0  # probability per row of overwriting one span of aug_span_len input tokens
     aug_span_len: int = 8
     aug_rename: float = 0.0  # probability per training .py document of consistent local-name renaming (at tokenization)
+    # ---- task heads and multitask learning (fmkernels/train/multitask.py)
+    tasks: str = "lm"  # "lm" | "pkg" (package classification) | "lm,pkg" (multitask: one trunk, both heads)
+    task_weights: str = ""  # fixed loss weights "lm=1,pkg=0.5" (unnamed tasks: 1)
+    task_weighting: str = "fixed"  # "fixed" | "uncertainty" (learned exp(-s_i) L_i + s_i, Kendall et al.)
+    task_sampling: str = "all"  # "all" (every task every micro-step) | "proportional" | "temperature"
+    task_temperature: float = 2.0  # task_sampling temperature: p_i ~ n_i ** (1 / T)
+    cls_classes: int = 8  # pkg: the packages with the most training text (held-out files in each)
+    cls_pool: str = "mean"  # pkg: "mean" | "last" pooled hidden state -> classes
+    cls_chunks_per_file: int = 16  # pkg: at most this many seq_len chunks per file
     # ---- evaluation, logging, checkpoints
     eval_every: int = 200
     eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
@@ -193,6 +202,9 @@ class TrainConfig:
             bad("aug_span_len", "must be >= 1")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        from .multitask import validate_task_fields
+
+        validate_task_fields(self)
         self.model_config(256 if self.tokenizer == "byte" else self.vocab_size)  # shapes: heads | dim, ...
 
     def to_dict(self) -> dict:

@@ -29,7 +29,9 @@ def load_pretrained(path) -> dict:
     cpath = resolve_checkpoint(path)
     ck = load_checkpoint(cpath)
     mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
-    sd = ck["model"]
+    from .multitask import strip_task_heads
+
+    sd = strip_task_heads(ck["model"])  # task heads belong to their run; the trunk is what transfers
     cfg = ck["state"].get("config", {})
     if int(cfg.get("lora_rank", 0) or 0) > 0:
         from ..models import Transformer

@@ -226,7 +226,7 @@ def finetune_minilm(cfg: MiniLMConfig, log: Callable[[str], None] = print) -> di
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             log(f"step {step + 1}/{cfg.steps}: train loss {np.mean(losses[-10:]):.4f} ({time.perf_counter() - t0:.0f} s)")
     train_s = time.perf_counter() - t0

@@ -3,6 +3,7 @@ LM (validation bits per byte) and stdlib-package classification (held-out accura
 classification head on the LM-pretrained trunk. One seed: a first look, not a study (docs/multitask.md).
 
     nice -n 10 .venv/bin/python benchmarks/bench_multitask.py --out runs/multitask          # tiny preset, 300 steps
+    nice -n 10 .venv/bin/python benchmarks/bench_multitask.py --seed 1 --out runs/multitask_s1   # another seed
     nice -n 10 .venv/bin/python benchmarks/bench_multitask.py --steps 50 --out /tmp/mt      # smoke run
 """
 import argparse
@@ -24,13 +25,14 @@ def main():
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     a = ap.parse_args()
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     base = dict(preset=a.preset, tokenizer="byte", seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.steps,
                 progress=False, sample_tokens=0, eval_every=10**9, save_every=10**9, log_every=25, corpus="stdlib",
-                val_fraction=0.2, lr=3e-3, warmup_steps=20, cls_classes=a.classes, dtype="fp32", seed=0)
+                val_fraction=0.2, lr=3e-3, warmup_steps=20, cls_classes=a.classes, dtype="fp32", seed=a.seed)
     runs = {
         "lm alone": dict(tasks="lm"),
         "pkg alone": dict(tasks="pkg"),

@@ -48,3 +48,12 @@ def test_minilm_config_errors():
                          ("max_val", 1), ("corpus", "/nonexistent")):
         with pytest.raises(ConfigError, match=field):
             MiniLMConfig(**{field: value}).validate()
+
+
+def test_cli_bad_flag_names_the_field(capsys):
+    from fmkernels.cli import main
+
+    assert main(["finetune-minilm", "--classes", "1"]) == 2
+    assert "classes" in capsys.readouterr().err
+    assert main(["finetune-minilm", "--freeze_layers", "9"]) == 2
+    assert "freeze_layers" in capsys.readouterr().err

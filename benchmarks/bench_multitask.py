@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--classes", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--only", default=None, help="row names to run, separated by ';' (default: all)")
     a = ap.parse_args()
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -38,11 +38,15 @@ def main():
         "pkg alone": dict(tasks="pkg"),
         "lm+pkg, all, fixed 1:1": dict(tasks="lm,pkg"),
         "lm+pkg, all, uncertainty": dict(tasks="lm,pkg", task_weighting="uncertainty"),
+        "lm+pkg, all, fixed 1:0.2": dict(tasks="lm,pkg", task_weights="pkg=0.2"),
+        "lm+pkg, all, fixed 1:1, grad_clip 4": dict(tasks="lm,pkg", grad_clip=4.0),
         "lm+pkg, proportional sampling": dict(tasks="lm,pkg", task_sampling="proportional"),
         "lm+pkg, temperature 3 sampling": dict(tasks="lm,pkg", task_sampling="temperature", task_temperature=3.0),
         "pkg on the lm-alone trunk (finetune --from)": dict(tasks="pkg", init_from="@lm alone"),
+        "pkg head on the frozen lm-alone trunk": dict(tasks="pkg", init_from="@lm alone", freeze_embeddings=True,
+                                                      freeze_blocks="@n_layers"),
     }
-    only = set(a.only.split(",")) if a.only else None
+    only = {n.strip() for n in a.only.split(";")} if a.only else None
     results = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
     for name, kw in runs.items():
         if only and name not in only:
@@ -56,6 +60,10 @@ def main():
                 print(f"skipping {name!r}: run {kw['init_from'][1:]!r} first")
                 continue
             kw["init_from"] = src
+        if kw.get("freeze_blocks") == "@n_layers":
+            from fmkernels.models.config import PRESETS
+
+            kw["freeze_blocks"] = PRESETS[a.preset]["n_layers"]
         s = train(TrainConfig.build(None, dict(base, out_dir=str(out), **kw)), log=lambda m: None)
         t = s.get("tasks") or {}
         r = dict(out=str(out), train_time_s=s["train_time_s"], steps=s["step"], val_bpb=s.get("val_bpb"),

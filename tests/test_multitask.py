@@ -206,3 +206,26 @@ def test_task_head_on_frozen_lora_trunk(pkg_corpus, tmp_path):
     before = head.detach().clone()
     t.train_step()
     assert not torch.equal(before, head.detach())
+
+
+def test_sampled_multitask_run_resumes_exactly(pkg_corpus, tmp_path):
+    """A sampled, uncertainty-weighted run stopped at step 6 and resumed equals the uninterrupted 12-step run."""
+    kw = dict(tasks="lm,pkg", task_sampling="temperature", task_temperature=2.0, task_weighting="uncertainty",
+              save_every=6, final_eval=False, min_lr_ratio=1.0)  # constant lr: the shorter first run keeps the schedule
+    full = tmp_path / "full"
+    train(_cfg(full, pkg_corpus, max_steps=12, **kw), log=lambda m: None)
+    part = tmp_path / "part"
+    train(_cfg(part, pkg_corpus, max_steps=6, **kw), log=lambda m: None)
+    with open(part / "tasks.csv", "a") as f:  # rows an interrupted run logged past its checkpoint
+        f.write("9,train,lm,1.0,1.0,0.5,,,,\n")
+    train(_cfg(part, pkg_corpus, max_steps=12, resume=True, **kw), log=lambda m: None)
+    from fmkernels.train import checkpoint as ckpt
+
+    a = ckpt.load_checkpoint(ckpt.list_checkpoints(full)[-1])["model"]
+    b = ckpt.load_checkpoint(ckpt.list_checkpoints(part)[-1])["model"]
+    assert "task_heads.log_var" in a and "task_heads.heads.pkg.proj.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = [r for r in csv.DictReader(open(part / "tasks.csv")) if r["kind"] == "train"]
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps.count(9) <= 2  # the stale row was dropped; each task logs once per step

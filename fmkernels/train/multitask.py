@@ -243,6 +243,17 @@ class TaskSet:
             out["probs"] = dict(self.probs)
         return out
 
+    def truncate_csv(self, step: int) -> None:
+        """After a resume, drop tasks.csv rows logged past the checkpoint by the interrupted run."""
+        if self.csv is None or not self.csv.exists():
+            return
+        with open(self.csv, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with open(self.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=TASK_CSV)
+            w.writeheader()
+            w.writerows(rows)
+
     def _row(self, row: dict) -> None:
         if self.csv is None:
             return

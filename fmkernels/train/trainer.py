@@ -403,6 +403,8 @@ class Trainer:
                 self.last_ckpt = ck["path"]
                 self.last_saved_step = self.step
                 self._truncate_csv(self.step)
+                if self.tasks is not None:
+                    self.tasks.truncate_csv(self.step)
                 self.log(f"resumed from {ck['path']} at step {self.step}")
         if cfg.tensorboard and info.is_main:
             try:

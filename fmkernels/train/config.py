@@ -84,6 +84,15 @@ class TrainConfig:
     # ---- quantization-aware training (fmk quantize --recover_steps; fmkernels.prepare_qat_)
     qat: Optional[str] = None  # "int8" | "int4": fake-quantize the block linears while training
     qat_group_size: int = 128  # int4 group size along in_features
+    # ---- task heads and multitask learning (fmkernels/train/multitask.py)
+    tasks: str = "lm"  # "lm" | "pkg" (package classification) | "lm,pkg" (multitask: one trunk, both heads)
+    task_weights: str = ""  # fixed loss weights "lm=1,pkg=0.5" (unnamed tasks: 1)
+    task_weighting: str = "fixed"  # "fixed" | "uncertainty" (learned exp(-s_i) L_i + s_i, Kendall et al.)
+    task_sampling: str = "all"  # "all" (every task every micro-step) | "proportional" | "temperature"
+    task_temperature: float = 2.0  # task_sampling temperature: p_i ~ n_i ** (1 / T)
+    cls_classes: int = 8  # pkg: the packages with the most training text (held-out files in each)
+    cls_pool: str = "mean"  # pkg: "mean" | "last" pooled hidden state -> classes
+    cls_chunks_per_file: int = 16  # pkg: at most this many seq_len chunks per file
     # ---- evaluation, logging, checkpoints
     eval_every: int = 200
     eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
@@ -222,6 +231,9 @@ class TrainConfig:
             bad("qat_group_size", "must be 32, 64, 128 or 256")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        from .multitask import validate_task_fields
+
+        validate_task_fields(self)
         self.model_config(256 if self.tokenizer == "byte" else self.vocab_size)  # shapes: heads | dim, ...
 
     def to_dict(self) -> dict:

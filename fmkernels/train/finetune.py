@@ -30,7 +30,9 @@ def load_pretrained(path, ck: Optional[dict] = None) -> dict:
     cpath = resolve_checkpoint(path) if ck is None else Path(ck["path"])
     ck = load_checkpoint(cpath) if ck is None else ck
     mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
-    sd = ck["model"]
+    from .multitask import strip_task_heads
+
+    sd = strip_task_heads(ck["model"])  # task heads belong to their run; the trunk is what transfers
     cfg = ck["state"].get("config", {})
     from .compress import build_model, densify, is_compressed
 

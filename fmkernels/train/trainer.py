@@ -309,7 +309,7 @@ class Trainer:
             import shutil
 
             self.log(f"starting a fresh default run: clearing the previous one in {self.out}")
-            for p in old + [self.out / "summary.json", self.out / "train.log", self.out / "loss_curve.png"]:
+            for p in old + [self.out / n for n in ("summary.json", "train.log", "loss_curve.png", "tasks.csv")]:
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
@@ -368,6 +368,14 @@ class Trainer:
             n_tr, n_all = trainable_summary(model)
             note = " (the quantized base weights are buffers, not counted)" if cfg.lora_base != "dense" else ""
             self.log(f"trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / max(n_all, 1):.2f}%){note}")
+        self.tasks, self.task_metrics = None, None
+        if cfg.tasks.replace(" ", "") != "lm":  # task heads / multitask (fmkernels/train/multitask.py)
+            from ..models.config import ConfigError
+            from .multitask import TaskSet
+
+            if info.world > 1:
+                raise ConfigError(f"config: tasks {cfg.tasks!r} runs on one process (world {info.world}); use tasks lm")
+            self.tasks = TaskSet(cfg, self.data, model, self.device, info.rank, self.log, self.out)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = wrap_distributed(model, info)
@@ -408,6 +416,8 @@ class Trainer:
                 self.last_ckpt = ck["path"]
                 self.last_saved_step = self.step
                 self._truncate_csv(self.step)
+                if self.tasks is not None:
+                    self.tasks.truncate_csv(self.step)
                 self.log(f"resumed from {ck['path']} at step {self.step}")
         if cfg.tensorboard and info.is_main:
             try:
@@ -434,7 +444,10 @@ class Trainer:
             sync_ctx = model.no_sync() if (self.info.mode == "ddp" and not last) else _null()
             with sync_ctx:
                 with self._autocast():
-                    loss = model(x, y)
+                    if self.tasks is not None:
+                        loss = self.tasks.loss(unwrap(model), self.step, micro, (x, y))
+                    else:
+                        loss = model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         loss = loss_sum / cfg.grad_accum
@@ -515,6 +528,8 @@ class Trainer:
                     self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
                                        loss=repr(loss), lr=f"{self.lr:.6g}", grad_norm=f"{gn:.4g}",
                                        tokens_per_s=f"{tps:.1f}", flops=f"{self.flops():.4g}"))
+                    if self.tasks is not None:
+                        self.tasks.log_train(self.step, unwrap(self.model))
                     if pbar is not None:
                         pbar.set_postfix(step=self.step, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{self.lr:.2e}")
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
@@ -543,6 +558,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     vl, vb = self._eval_and_log(None, final=True)
                     summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
+            if self.tasks is not None:
+                summary["tasks"] = self.task_metrics
             summary.update(best_val_bpb=self.best_val_bpb, checkpoint=str(self.last_ckpt) if self.last_ckpt else None)
         if info.is_main:
             png = self.plot()
@@ -572,6 +589,9 @@ class Trainer:
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
         self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
                            val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}"))
+        if self.tasks is not None:
+            self.task_metrics = self.tasks.evaluate(unwrap(self.model), self._autocast, self.cfg.batch_size, self.step,
+                                                    (vl, vb))
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:
@@ -585,6 +605,10 @@ class Trainer:
             lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
         if s.get("best_val_bpb") is not None:
             lines.append(f"best validation bits per byte: {s['best_val_bpb']:.4f}")
+        pkg = (s.get("tasks") or {}).get("pkg")
+        if pkg:
+            lines.append(f"task pkg: held-out accuracy {pkg['val_acc']:.4f} (balanced {pkg['balanced_acc']:.4f}) over "
+                         f"{pkg['n_val']} chunks, {pkg['n_classes']} classes; majority-class baseline {pkg['majority_acc']:.4f}")
         lines.append(f"checkpoint: {s.get('checkpoint')}")
         lines.append(f"metrics: {self.out / 'metrics.csv'}; loss curve: {s.get('loss_curve')}")
         if s.get("sample") is not None:

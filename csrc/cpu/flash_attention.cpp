@@ -313,8 +313,10 @@ FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf
 }
 
 // Forward tile (bf16 path): online-softmax update of rows [0, M) of S (BK wide), rescale the output rows, and
-// write P in bf16 (row-major, BK wide) for the P V product.
-FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, float* l, float* O, int64_t Dp,
+// write P in bf16 (row-major, BK wide) for the P V product. Row sums stay 16-lane vectors (lv, M x 16) until
+// the end, and the tile max is reduced only when some lane exceeds the running max by kRescale (rare after the
+// first tile): the two horizontal reductions per row and tile were ~1/3 of this function's time.
+FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, float* lv, float* O, int64_t Dp,
                                        bf16* P) {
   const __m512 vc = _mm512_set1_ps(c);
   for (int64_t i = 0; i < M; ++i) {
@@ -325,15 +327,15 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
       t[v] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), vc);
       mx = _mm512_max_ps(mx, t[v]);
     }
-    const float tile_max = _mm512_reduce_max_ps(mx);
     float alpha = 1.0f;
-    if (tile_max > m[i] + kRescale || m[i] == kNegInf) {  // lazy rescaling, as in softmax_row_avx512
-      if (tile_max == kNegInf) {
-        std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
-        continue;
-      }
-      alpha = std::exp2(m[i] - tile_max);
+    // m[i] == -inf: m + kRescale is -inf and any finite lane triggers; all lanes -inf: nothing visible yet.
+    if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[i] + kRescale), _CMP_GT_OQ) != 0) {  // lazy rescaling
+      const float tile_max = _mm512_reduce_max_ps(mx);
+      alpha = std::exp2(m[i] - tile_max);  // 0 when m[i] == -inf
       m[i] = tile_max;
+    } else if (m[i] == kNegInf) {
+      std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
+      continue;
     }
     const __m512 vm = _mm512_set1_ps(m[i]);
     __m512 sum = _mm512_setzero_ps();
@@ -342,13 +344,21 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
       sum = _mm512_add_ps(sum, p);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
     }
-    l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
+    float* l = lv + 16 * i;
     if (alpha != 1.0f) {
       const __m512 va = _mm512_set1_ps(alpha);
+      _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), va, sum));
       float* o = O + i * Dp;
       for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
+    } else {
+      _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
     }
   }
+}
+
+// l[i] = sum of the 16 lanes of lv[i].
+FMK_AVX512 void reduce_rows16_avx512(const float* lv, int64_t M, float* l) {
+  for (int64_t i = 0; i < M; ++i) l[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + 16 * i));
 }
 
 // Backward tile, transposed (rows = BK keys, columns = BQ queries): P^T = 2^(S^T c - lse2[col]),
@@ -474,12 +484,13 @@ struct Kernels {
   float (*softmax_row)(float*, int64_t, float, float*, float*);
   void (*scale_row)(float*, int64_t, float);
   void (*bwd_row)(float*, float*, int64_t, float, float, float);
+  bool vec;  // AVX-512 stores (store_rows)
 };
 
 Kernels kernels() {
   if (use_avx512())
-    return {gemm_abt_avx512, gemm_ab_avx512, softmax_row_avx512, scale_row_avx512, bwd_row_avx512};
-  return {gemm_abt_portable, gemm_ab_portable, softmax_row_portable, scale_row_portable, bwd_row_portable};
+    return {gemm_abt_avx512, gemm_ab_avx512, softmax_row_avx512, scale_row_avx512, bwd_row_avx512, true};
+  return {gemm_abt_portable, gemm_ab_portable, softmax_row_portable, scale_row_portable, bwd_row_portable, false};
 }
 
 // ================================================================ layouts (ATen, once per call)
@@ -509,20 +520,95 @@ at::Tensor block_transpose(const at::Tensor& x) {
   return x.view({B, H, Np / BK, BK, Dp}).transpose(3, 4).contiguous();
 }
 
-// bf16 (B, H, Np, Dp) -> pair panels over d, per key block: (B, H, Np/BK, Dp/2, BK, 2).
+// bf16 (B, H, Np, Dp) -> pair panels over d, per key block: (B, H, Np/BK, Dp/2, BK, 2). A 32-bit transpose of
+// each (BK, Dp/2) block; ATen's generic permute copy took 2.7 ms for (4, 8, 1024, 64) on 1 core, this ~0.3 ms.
+template <int64_t P>
+static inline void transpose_block_u32(const uint32_t* s, uint32_t* d, int64_t p_dyn) {
+  const int64_t np = P > 0 ? P : p_dyn;
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t j = 0; j < BK; ++j) d[p * BK + j] = s[j * np + p];
+}
+FMK_AVX512 void pairs_over_d_avx512(const uint32_t* s, uint32_t* d, int64_t np) {
+  if (np == 32)
+    transpose_block_u32<32>(s, d, np);
+  else
+    transpose_block_u32<0>(s, d, np);
+}
+void pairs_over_d_portable(const uint32_t* s, uint32_t* d, int64_t np) { transpose_block_u32<0>(s, d, np); }
+
 at::Tensor pairs_over_d(const at::Tensor& x) {
-  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3);
-  return x.view({B, H, Np / BK, BK, Dp / 2, 2}).permute({0, 1, 2, 4, 3, 5}).contiguous();
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
+  at::Tensor out = at::empty({B, H, nb, np, BK, 2}, x.options());
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x.const_data_ptr<bf16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if (vec)
+        pairs_over_d_avx512(src + blk * BK * np, dst + blk * BK * np, np);
+      else
+        pairs_over_d_portable(src + blk * BK * np, dst + blk * BK * np, np);
+    }
+  });
+  return out;
 }
 
-// bf16 (B, H, Np, Dp), Np even -> pair panels over rows: (B, H, Np/2, Dp, 2).
+// bf16 (B, H, Np, Dp), Np even -> pair panels over rows: (B, H, Np/2, Dp, 2) (rows 2i and 2i+1 interleaved).
+static inline void interleave_rows_u16(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  for (int64_t i = 0; i < rows2; ++i) {
+    const uint16_t* a = s + 2 * i * Dp;
+    const uint16_t* b = a + Dp;
+    uint32_t* o = d + i * Dp;
+    for (int64_t j = 0; j < Dp; ++j) o[j] = static_cast<uint32_t>(a[j]) | (static_cast<uint32_t>(b[j]) << 16);
+  }
+}
+FMK_AVX512 void pairs_over_rows_avx512(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  interleave_rows_u16(s, d, rows2, Dp);
+}
+void pairs_over_rows_portable(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  interleave_rows_u16(s, d, rows2, Dp);
+}
+
 at::Tensor pairs_over_rows(const at::Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3);
-  return x.view({B, H, Np / 2, 2, Dp}).transpose(3, 4).contiguous();
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % 2 == 0);
+  at::Tensor out = at::empty({B, H, Np / 2, Dp, 2}, x.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const bool vec = use_avx512();
+  const int64_t chunk = 32;  // row pairs per work item
+  const int64_t total = B * H * Np / 2, nchunks = (total + chunk - 1) / chunk;
+  at::parallel_for(0, nchunks, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * chunk, n = std::min(chunk, total - i0);
+      if (vec)
+        pairs_over_rows_avx512(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+      else
+        pairs_over_rows_portable(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+    }
+  });
+  return out;
+}
+
+// dst[i][j] = src[i][j] * mul for i < m, j < d (fp32 -> T, row strides lds / ldd).
+template <typename T>
+FMK_AVX512 void store_rows_avx512(const float* src, int64_t lds, int64_t m, int64_t d, float mul, T* dst,
+                                  int64_t ldd) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) store16(dst + i * ldd + j, _mm512_mul_ps(_mm512_loadu_ps(src + i * lds + j), vm));
+    if (j < d) {
+      const __mmask16 k = tail_mask(d - j);
+      store16(dst + i * ldd + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + i * lds + j), vm), k);
+    }
+  }
 }
 
 template <typename T>
-void store_rows(const float* src, int64_t lds, int64_t m, int64_t d, float mul, T* dst, int64_t ldd) {
+void store_rows(bool vec, const float* src, int64_t lds, int64_t m, int64_t d, float mul, T* dst, int64_t ldd) {
+  if (vec) return store_rows_avx512(src, lds, m, d, mul, dst, ldd);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < d; ++j) dst[i * ldd + j] = static_cast<T>(src[i * lds + j] * mul);
 }
@@ -595,7 +681,7 @@ void fwd_fp32(const FwdTask& t, const float* Qf, const float* Kt, const float* V
         kn.ab(M, t.Dp, BK, S.data(), BK, 1, Vf + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp, O.data(), t.Dp);
       }
       fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
-      store_rows(O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
+      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
     }
   });
 }
@@ -604,7 +690,7 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hq * t.nqb;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ);
+    std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ), lv(BQ * 16);
     std::vector<bf16> P(BQ * BK);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / t.nqb, z = task % t.nqb;
@@ -614,19 +700,20 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
       const bf16* Q = Qb + (bh * t.Nq + r0) * t.Dp;
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(lv.begin(), lv.end(), 0.0f);
       const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
         gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK, BK,
                          S.data(), BK, false);
         if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-        softmax_tile_bf16(S.data(), M, t.c, m.data(), l.data(), O.data(), t.Dp, P.data());
+        softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         gemm_bf16_avx512(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
                          O.data(), t.Dp, true);
       }
+      reduce_rows16_avx512(lv.data(), M, l.data());
       fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
-      store_rows(O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
+      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
     }
   });
 }
@@ -683,6 +770,7 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
               const float* lse2, const float* delta, float* dq_acc, T* dq, T* dk, T* dv, float scale) {
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
+  const bool vec = use_avx512();
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BQ * BK), dP(BQ * BK), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
@@ -721,12 +809,12 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
             kn.ab(M, t.Dp, BK, dP.data(), BK, 1, kfb, t.Dp, dQ + r0 * t.Dp, t.Dp);  // dQ += dS K
           }
         }
-        if (t.G == 1) store_rows(dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
+        if (t.G == 1) store_rows(vec, dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
       }
       for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
         const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
-        store_rows(dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
-        store_rows(dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
+        store_rows(vec, dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
+        store_rows(vec, dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
       }
     }
   });
@@ -739,6 +827,7 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
               const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dq,
               bf16* dk, bf16* dv, float scale) {
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
+  const bool vec = use_avx512();
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> ST(BK * BQ), dPT(BK * BQ), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
@@ -774,12 +863,12 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
             gemm_bf16_avx512(BQ, t.Dp, BK / 2, Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
           }
         }
-        if (t.G == 1) store_rows(dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
+        if (t.G == 1) store_rows(vec, dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
       }
       for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
         const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
-        store_rows(dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
-        store_rows(dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
+        store_rows(vec, dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
+        store_rows(vec, dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
       }
     }
   });

@@ -718,6 +718,189 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
   });
 }
 
+// ================================================================ forward, few queries (decoding)
+// Nq <= kDecodeMaxNq: the tiled path re-lays out all of K/V per call, which a handful of query rows cannot
+// amortize (fp32 Nq=1 Nk=4096 B4 H8 D64: 18.7 ms vs SDPA 2.4 ms). Here K and V are read in place (any row
+// stride, contiguous head dim, any float dtype) exactly once per (batch, kv head): the R = (Hq/Hkv) * Nq query
+// rows of a GQA group share each key. Split-K: each (batch, kv head) is cut into key chunks (a function of the
+// shape only), each task keeps an unnormalized (O, m, l) per row, and the chunks are merged afterwards in a fixed
+// order with a log-sum-exp rescale (deterministic). Scores: per key, D/16 FMAs per row and one horizontal sum.
+constexpr int64_t kDecodeMaxNq = 16;
+constexpr int64_t kDecodeSub = 256;  // keys per softmax sub-block inside a chunk
+
+struct DecodeTask {
+  int64_t B, Hq, Hkv, Nq, Nk, D, R, nchunk, chunk;
+  int64_t ks[3], vs[3];  // k / v strides (batch, head, row); the head dim is contiguous
+  Mask mask;
+  float c;
+};
+
+// One key chunk [c0, c1) of kv head (b, hk) for the R query rows Qr (R x D fp32, contiguous; row r = query head
+// hk*grp + r / Nq, query r % Nq). Writes the chunk's unnormalized Oc (R x D), running max mc (log2 units) and
+// sum lc.
+template <typename T>
+FMK_AVX512 void decode_chunk_avx512(const DecodeTask& t, const float* Qr, const T* K, const T* V, int64_t c0,
+                                    int64_t c1, float* S, float* Oc, float* mc, float* lc) {
+  const int64_t R = t.R, D = t.D, nd = (D + 15) / 16;
+  std::fill(Oc, Oc + R * D, 0.0f);
+  std::fill(mc, mc + R, kNegInf);
+  std::fill(lc, lc + R, 0.0f);
+  for (int64_t s0 = c0; s0 < c1; s0 += kDecodeSub) {
+    const int64_t n = std::min(kDecodeSub, c1 - s0);
+    // scores (log2 units), -inf outside each row's window
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kr = K + (s0 + j) * t.ks[2];
+      __m512 kv[16];  // D <= 256
+      for (int64_t d = 0; d < nd; ++d) kv[d] = load16(kr + 16 * d, tail_mask(D - 16 * d));
+      for (int64_t r = 0; r < R; ++r) {
+        const float* q = Qr + r * D;
+        __m512 acc = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(D), q), kv[0]);
+        for (int64_t d = 1; d < nd; ++d)
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask(D - 16 * d), q + 16 * d), kv[d], acc);
+        S[r * kDecodeSub + j] = _mm512_reduce_add_ps(acc) * t.c;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = r % t.Nq;
+      const int64_t a = std::clamp<int64_t>(t.mask.lo(i) - s0, 0, n), b = std::clamp<int64_t>(t.mask.hi(i) - s0, 0, n);
+      float* srow = S + r * kDecodeSub;
+      if (b <= a) {
+        std::fill(srow, srow + n, kNegInf);
+        continue;
+      }
+      std::fill(srow, srow + a, kNegInf);
+      std::fill(srow + b, srow + n, kNegInf);
+    }
+    // online softmax over the sub-block: p = 2^(s - m), O = O * 2^(m_old - m) + P V
+    for (int64_t r = 0; r < R; ++r) {
+      float* srow = S + r * kDecodeSub;
+      __m512 mx = _mm512_set1_ps(kNegInf);
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(srow + j));
+      if (j < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail_mask(n - j), srow + j));
+      const float m_new = std::max(mc[r], _mm512_reduce_max_ps(mx));
+      if (m_new == kNegInf) {
+        std::fill(srow, srow + n, 0.0f);
+        continue;
+      }
+      const float alpha = std::exp2(mc[r] - m_new);  // 0 when mc == -inf
+      mc[r] = m_new;
+      const __m512 vm = _mm512_set1_ps(m_new);
+      __m512 sum = _mm512_setzero_ps();
+      for (j = 0; j < n; j += 16) {
+        const __mmask16 k = tail_mask(n - j);
+        const __m512 p = _mm512_maskz_mov_ps(k, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, srow + j), vm)));
+        _mm512_mask_storeu_ps(srow + j, k, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      lc[r] = lc[r] * alpha + _mm512_reduce_add_ps(sum);
+      if (alpha != 1.0f) {
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 k = tail_mask(D - d);
+          _mm512_mask_storeu_ps(Oc + r * D + d, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, Oc + r * D + d), va));
+        }
+      }
+    }
+    // Oc (R x D) += P (R x n) V (n x D): D in 64-wide slices, 4 rows at a time, V slice rows read once per group
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int64_t nv = std::min<int64_t>(4, (D - d0 + 15) / 16);
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const int64_t rr = std::min<int64_t>(4, R - r0);
+        __m512 acc[4][4];
+        for (int64_t r = 0; r < 4; ++r)
+          for (int64_t v = 0; v < 4; ++v)
+            acc[r][v] = (r < rr && v < nv) ? _mm512_maskz_loadu_ps(tail_mask(D - d0 - 16 * v), Oc + (r0 + r) * D + d0 + 16 * v)
+                                           : _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+          const T* vr = V + (s0 + j) * t.vs[2] + d0;
+          __m512 vv[4];
+          for (int64_t v = 0; v < nv; ++v) vv[v] = load16(vr + 16 * v, tail_mask(D - d0 - 16 * v));
+          for (int64_t r = 0; r < rr; ++r) {
+            const __m512 pj = _mm512_set1_ps(S[(r0 + r) * kDecodeSub + j]);
+            for (int64_t v = 0; v < nv; ++v) acc[r][v] = _mm512_fmadd_ps(pj, vv[v], acc[r][v]);
+          }
+        }
+        for (int64_t r = 0; r < rr; ++r)
+          for (int64_t v = 0; v < nv; ++v)
+            _mm512_mask_storeu_ps(Oc + (r0 + r) * D + d0 + 16 * v, tail_mask(D - d0 - 16 * v), acc[r][v]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void fwd_decode(const DecodeTask& t, const float* Qf, const T* K, const T* V, T* out, float* lse) {
+  const int64_t R = t.R, D = t.D, grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.nchunk;
+  // per task: unnormalized O (R x D), m (R), l (R)
+  std::vector<float> part(ntask * R * (D + 2));
+  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> S(R * kDecodeSub);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bhk = task / t.nchunk, ch = task % t.nchunk, b = bhk / t.Hkv, hk = bhk % t.Hkv;
+      const int64_t c0 = ch * t.chunk, c1 = std::min(t.Nk, c0 + t.chunk);
+      float* Oc = part.data() + task * R * (D + 2);
+      decode_chunk_avx512<T>(t, Qf + (b * t.Hq + hk * grp) * t.Nq * D, K + b * t.ks[0] + hk * t.ks[1],
+                             V + b * t.vs[0] + hk * t.vs[1], c0, c1, S.data(), Oc, Oc + R * D, Oc + R * D + R);
+    }
+  });
+  // merge the chunks of each (batch, kv head) in chunk order: rows r of the group are query head
+  // hk*grp + r / Nq, query r % Nq, i.e. out rows (b, hk*grp) * Nq + r (contiguous within the group).
+  at::parallel_for(0, t.B * t.Hkv, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> o(D);
+    for (int64_t bhk = g0; bhk < g1; ++bhk) {
+      for (int64_t r = 0; r < R; ++r) {
+        float M = kNegInf;
+        for (int64_t ch = 0; ch < t.nchunk; ++ch)
+          M = std::max(M, part[(bhk * t.nchunk + ch) * R * (D + 2) + R * D + r]);
+        const int64_t row = bhk * R + r;  // (b * Hq + hk * grp) * Nq + r
+        T* dst = out + row * D;
+        if (M == kNegInf) {
+          std::fill(dst, dst + D, T(0.0f));
+          lse[row] = kNegInf;
+          continue;
+        }
+        std::fill(o.begin(), o.end(), 0.0f);
+        float l = 0.0f;
+        for (int64_t ch = 0; ch < t.nchunk; ++ch) {
+          const float* P = part.data() + (bhk * t.nchunk + ch) * R * (D + 2);
+          const float mc = P[R * D + r];
+          if (mc == kNegInf) continue;
+          const float w = std::exp2(mc - M);
+          l += P[R * D + R + r] * w;
+          for (int64_t d = 0; d < D; ++d) o[d] += P[r * D + d] * w;
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+        lse[row] = (M + std::log2(l)) * kLn2;
+      }
+    }
+  });
+}
+
+bool use_decode_path(int64_t Nq, int64_t D) { return Nq <= kDecodeMaxNq && D <= 256 && use_avx512(); }
+
+void flash_attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                int64_t window_left, int64_t window_right, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
+  const at::Tensor Qf = q.to(at::kFloat).contiguous();  // (B, Hq, Nq, D): small
+  DecodeTask t;
+  t.B = B, t.Hq = Hq, t.Hkv = Hkv, t.Nq = Nq, t.Nk = Nk, t.D = D, t.R = (Hq / Hkv) * Nq;
+  for (int i = 0; i < 3; ++i) t.ks[i] = kc.stride(i), t.vs[i] = vc.stride(i);
+  // Enough tasks for the threads (>= 32 in all) but chunks of >= 256 keys; depends on the shape only.
+  t.nchunk = std::clamp<int64_t>((32 + B * Hkv - 1) / (B * Hkv), 1, std::max<int64_t>(1, Nk / kDecodeSub));
+  t.chunk = round_up((Nk + t.nchunk - 1) / t.nchunk, 16);
+  t.nchunk = (Nk + t.chunk - 1) / t.chunk;
+  t.mask = Mask{Nq, Nk, Nk - Nq, window_left, window_right};
+  t.c = static_cast<float>(scale) * kLog2e;
+  FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_fwd_decode", [&] {
+    fwd_decode<scalar_t>(t, Qf.const_data_ptr<float>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                         out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale, int64_t window_left,
                                                           int64_t window_right) {
@@ -730,6 +913,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, 
   if (Nk == 0) {
     out.zero_();
     lse.fill_(kNegInf);
+    return {out, lse};
+  }
+  if (use_decode_path(Nq, D)) {
+    flash_attention_fwd_decode(q, k, v, scale, window_left, window_right, out, lse);
     return {out, lse};
   }
   FwdTask t;

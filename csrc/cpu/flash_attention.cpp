@@ -356,6 +356,66 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
   }
 }
 
+// Q K^T fused with softmax_tile_bf16 for full tiles (BQ rows, no masked pairs): 4-row x 64-key accumulator
+// blocks (a whole score row in registers) go straight to P (bf16), the row sums lv and the lazy rescale of O.
+FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ldq, const bf16* Ktp, float c, float* m,
+                                           float* lv, float* O, int64_t Dp, bf16* P) {
+  static_assert(BK == 64, "one 4 x 64 register block per row group");
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t i0 = 0; i0 < BQ; i0 += 4) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int x = 0; x < 16; ++x) acc[x] = _mm512_setzero_ps();
+    const bf16* A = Q + i0 * ldq;
+    for (int64_t kp = 0; kp < K2; ++kp) {
+      __m512bh b[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Ktp + (kp * BK + 16 * v) * 2);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, A + r * ldq + 2 * kp, 4);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) acc[4 * r + v] = _mm512_dpbf16_ps(acc[4 * r + v], a, b[v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + r;
+      __m512 mx = _mm512_set1_ps(kNegInf);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        acc[4 * r + v] = _mm512_mul_ps(acc[4 * r + v], vc);
+        mx = _mm512_max_ps(mx, acc[4 * r + v]);
+      }
+      float alpha = 1.0f;
+      if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[i] + kRescale), _CMP_GT_OQ) != 0) {  // as softmax_tile_bf16
+        const float tile_max = _mm512_reduce_max_ps(mx);
+        alpha = std::exp2(m[i] - tile_max);
+        m[i] = tile_max;
+      }
+      const __m512 vm = _mm512_set1_ps(m[i]);
+      __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512 p = exp2_ps<4>(_mm512_sub_ps(acc[4 * r + v], vm));
+        sum = _mm512_add_ps(sum, p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
+      }
+      float* l = lv + 16 * i;
+      if (alpha != 1.0f) {
+        const __m512 va = _mm512_set1_ps(alpha);
+        _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), va, sum));
+        float* o = O + i * Dp;
+        for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
+      } else {
+        _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
+      }
+    }
+  }
+}
+
 // l[i] = sum of the 16 lanes of lv[i].
 FMK_AVX512 void reduce_rows16_avx512(const float* lv, int64_t M, float* l) {
   for (int64_t i = 0; i < M; ++i) l[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + 16 * i));
@@ -756,10 +816,14 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
       const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
-        gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK, BK,
-                         S.data(), BK, false);
-        if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-        softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+        const bf16* ktp = Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK;
+        if (M == BQ && t.mask.full(r0, r0 + M, j0)) {
+          qk_softmax_fused_bf16(t.Dp / 2, Q, t.Dp, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+        } else {
+          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, ktp, BK, S.data(), BK, false);
+          t.mask.apply(S.data(), r0, M, j0);
+          softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+        }
         gemm_bf16_avx512(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
                          O.data(), t.Dp, true);
       }

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -88,6 +89,11 @@ struct Mask {
     }
   }
 };
+
+// Tasks are handed out from a shared counter (one at::parallel_for index per thread) rather than split
+// statically: on a shared machine a descheduled thread no longer holds back half of the work. Each task writes
+// only its own outputs, so results do not depend on which thread ran it (bit-identical run to run).
+inline int64_t workers(int64_t ntask) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask)); }
 
 // ================================================================ AVX-512 fp32 kernels
 
@@ -783,9 +789,10 @@ template <typename T>
 void fwd_fp32(const FwdTask& t, const float* Qf, const float* Kt, const float* Vf, T* out, float* lse) {
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hq * t.nqb;
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ);
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t bh = task / t.nqb, z = task % t.nqb;
       const int64_t qb = (z % 2 == 0) ? z / 2 : t.nqb - 1 - z / 2;  // pair cheap and costly causal blocks
       const int64_t b = bh / t.Hq, h = bh % t.Hq, hk = h / grp;
@@ -814,10 +821,11 @@ void fwd_fp32(const FwdTask& t, const float* Qf, const float* Kt, const float* V
 void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp, bf16* out, float* lse) {
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hq * t.nqb;
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ), lv(BQ * 16);
     std::vector<bf16> P(BQ * BK);
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t bh = task / t.nqb, z = task % t.nqb;
       const int64_t qb = (z % 2 == 0) ? z / 2 : t.nqb - 1 - z / 2;
       const int64_t b = bh / t.Hq, h = bh % t.Hq, hk = h / grp;
@@ -1020,9 +1028,10 @@ void fwd_decode(const DecodeTask& t, const float* Qf, const T* K, const T* V, T*
   const int64_t R = t.R, D = t.D, grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.nchunk;
   // per task: unnormalized O (R x D), m (R), l (R)
   std::vector<float> part(ntask * R * (D + 2));
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(R * kDecodeSub);
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t bhk = task / t.nchunk, ch = task % t.nchunk, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       const int64_t c0 = ch * t.chunk, c1 = std::min(t.Nk, c0 + t.chunk);
       float* Oc = part.data() + task * R * (D + 2);
@@ -1149,10 +1158,11 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const bool vec = use_avx512();
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), dP(BQ * BK), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
     std::vector<float> dq_local(t.G == 1 ? t.Nq * t.Dp : 0);  // G == 1: a head's dQ is final after its task
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
       std::fill(dVa.begin(), dVa.end(), 0.0f);
@@ -1206,11 +1216,12 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const bool vec = use_avx512();
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> ST(BK * BQ), dPT(BK * BQ), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
     std::vector<bf16> PT(BK * BQ), dST(BK * BQ), Z(BK * BQ);
     std::vector<float> dq_local(t.G == 1 ? t.Nqp * t.Dp : 0);  // G == 1: a head's dQ is final after its task
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
       std::fill(dVa.begin(), dVa.end(), 0.0f);

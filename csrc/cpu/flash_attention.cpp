@@ -19,7 +19,7 @@
 //    peak: one 512-bit vdpbf16ps per cycle); the whole fwd+bwd reaches ~80% of that.
 // exp is a vectorized 2^x (round + Chebyshev-fitted polynomial + vscalefps); the online softmax rescales the
 // output only when a row's max grows by more than 2^8 (lazy rescaling).
-// Forward: parallel over (batch, query head, query block); Nq <= 16 (8 for bf16) takes the split-K decoding
+// Forward: parallel over (batch, query head, query block); Nq <= 16 takes the split-K decoding
 // path instead (see fwd_decode). Backward: parallel over (batch, kv head, key chunk); each task owns its dK/dV
 // rows (summed over the query heads of its GQA group). With one chunk per (batch, kv head) (B * Hkv >= 16) a task
 // owns its heads' dQ too and writes it directly; otherwise key blocks are dealt round-robin to G chunks
@@ -862,14 +862,13 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
 }
 
 // ================================================================ forward, few queries (decoding)
-// Nq <= kDecodeMaxNq (8 for bf16): the tiled path re-lays out all of K/V per call, which a handful of query rows cannot
+// Nq <= kDecodeMaxNq: the tiled path re-lays out all of K/V per call, which a handful of query rows cannot
 // amortize (fp32 Nq=1 Nk=4096 B4 H8 D64: 18.7 ms vs SDPA 2.4 ms). Here K and V are read in place (any row
 // stride, contiguous head dim, any float dtype) exactly once per (batch, kv head): the R = (Hq/Hkv) * Nq query
 // rows of a GQA group share each key. Split-K: each (batch, kv head) is cut into key chunks (a function of the
 // shape only), each task keeps an unnormalized (O, m, l) per row, and the chunks are merged afterwards in a fixed
 // order with a log-sum-exp rescale (deterministic). Scores: per key, D/16 FMAs per row and one horizontal sum.
 constexpr int64_t kDecodeMaxNq = 16;
-constexpr int64_t kDecodeMaxNqBf16 = 8;  // bf16 inputs with AVX512-BF16
 constexpr int64_t kDecodeSub = 256;  // keys per softmax sub-block inside a chunk
 
 struct DecodeTask {
@@ -1079,11 +1078,9 @@ void fwd_decode(const DecodeTask& t, const float* Qf, const T* K, const T* V, T*
   });
 }
 
-// B4 H8 Nk=4096 D64, 1 core (ms, decode vs the tiled path one query later): fp32 Nq=16 12.8 vs Nq=17 34.1;
-// bf16 Nq=8 7.3, Nq=16 13.8 vs Nq=17 11.0 (the vdpbf16ps tiles win sooner).
-bool use_decode_path(const at::Tensor& q) {
-  return use_avx512() && q.size(2) <= (use_bf16_path(q) ? kDecodeMaxNqBf16 : kDecodeMaxNq);
-}
+// B4 H8 Nk=4096 D64 (ms, decoding path at Nq=16 vs the tiled path at Nq=17, same run): fp32 1 core 12.8 vs 34.1;
+// bf16 2 threads 10.0 vs 20.5 (SDPA 10.3 / 14.5).
+bool use_decode_path(const at::Tensor& q) { return use_avx512() && q.size(2) <= kDecodeMaxNq; }
 
 void flash_attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                 int64_t window_left, int64_t window_right, at::Tensor& out, at::Tensor& lse) {

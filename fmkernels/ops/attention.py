@@ -83,7 +83,7 @@ def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
 
 
 def _cpu_slower_than_reference(qry: _dispatch.Query) -> Optional[str]:
-    # The forward has a split-K decoding path for Nq <= 16 (fp32; 8 for bf16): B4 H8 Nk=4096 D64 causal, Nq=1,
+    # The forward has a split-K decoding path for Nq <= 16: B4 H8 Nk=4096 D64 causal, Nq=1,
     # 1 core: fp32 3.0 ms vs reference 4.6 vs SDPA 4.2; bf16 1.8 vs SDPA 15.2 (benchmarks/bench_attention.py,
     # decode cases). The fp32 backward at such shapes is still the tiled kernel, which re-lays out all of K/V for
     # one query row: fwd+bwd Nq=1 113 ms vs reference 75; Nq=16 121 vs 108 (bf16: 44 vs 98, kept on cpu).

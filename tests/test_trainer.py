@@ -269,3 +269,23 @@ def test_int8_training_and_sparsity_switches(tmp_path, small_corpus, capsys):
         rc, text = cli(capsys, "train", *TINY, "--corpus", small_corpus, "--max_steps", 1, "--sparsity", "2:4",
                        "--out_dir", tmp_path / "sp")
         assert rc == 2 and "sparsity" in text
+
+
+def test_tensorboard_logging(tmp_path, small_corpus, capsys):
+    """--tensorboard true writes event files with the training and validation scalars of metrics.csv."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (make test installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    rc, text = cli(capsys, "train", *TINY, "--corpus", small_corpus, "--max_steps", 6, "--out_dir", out,
+                   "--eval_every", 3, "--tensorboard", "true", "--sample_tokens", 0)
+    assert rc == 0, text
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "val_loss", "val_bpb"} <= tags, tags
+    import csv
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["loss"] != ""]
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == [int(r["step"]) for r in rows] and len(loss) >= 6
+    assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)

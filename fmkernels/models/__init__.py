@@ -2,9 +2,10 @@
 (the reference for convergence tests and benchmarks), `TransformerConfig` and the size `PRESETS`."""
 from .config import PRESETS, ConfigError, TransformerConfig
 from .plain import PlainTransformer, fmk_to_plain_state_dict, plain_to_fmk_state_dict
-from .transformer import Transformer
+from .transformer import KVCache, Transformer
 
 __all__ = [
+    "KVCache",
     "Transformer",
     "PlainTransformer",
     "TransformerConfig",

@@ -24,7 +24,8 @@ from .config import TransformerConfig
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto", dropout_p: float = 0.0):
-    """q: (B, Hq, N, D), k, v: (B, Hk, N, D) -> (B, Hq, N, D), causal. The one place attention is chosen."""
+    """q: (B, Hq, Nq, D), k, v: (B, Hk, Nk, D) -> (B, Hq, Nq, D), causal aligned bottom-right (Nq < Nk when
+    decoding with a KV cache). The one place attention is chosen."""
     if mode != "sdpa" and dropout_p == 0.0 and hasattr(fmkernels, "flash_attention"):
         return fmkernels.flash_attention(q, k, v, causal=True)
     if mode == "flash":
@@ -33,7 +34,52 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: st
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    Nq, Nk = q.shape[2], k.shape[2]
+    if Nq == Nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    # decoding with a KV cache: SDPA's is_causal aligns top-left; the cache needs bottom-right (j <= i + Nk - Nq)
+    i = torch.arange(Nq, device=q.device)[:, None]
+    j = torch.arange(Nk, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq), dropout_p=dropout_p)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding (`Transformer.forward(idx, cache=...)`).
+
+    Per layer k, v: (B, Hk, capacity, D) preallocated; `length` tokens are filled. Attention of n new tokens
+    reads keys [0, length + n) with the bottom-right causal mask of `fmkernels.flash_attention` (query i of the
+    new ones sees keys j <= length + i), so prefill and one-token steps are the same code.
+    """
+
+    def __init__(self, cfg: TransformerConfig, batch_size: int, capacity: Optional[int] = None):
+        capacity = cfg.max_seq_len if capacity is None else capacity
+        if not isinstance(capacity, int) or not 1 <= capacity <= cfg.max_seq_len:
+            raise ValueError(f"KVCache: capacity must be an int in [1, max_seq_len={cfg.max_seq_len}], got {capacity!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"KVCache: batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size, self.n_layers, self.capacity = batch_size, cfg.n_layers, capacity
+        self.shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
+        # allocated at the first append, in the dtype/device attention runs in (bf16 under autocast)
+        self.k: list[Optional[torch.Tensor]] = [None] * cfg.n_layers
+        self.v: list[Optional[torch.Tensor]] = [None] * cfg.n_layers
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, Hk, n, D) of the new tokens -> all keys/values so far, (B, Hk, length + n, D) views."""
+        s, e = self.length, self.length + k.shape[2]
+        if self.k[layer] is None or self.k[layer].dtype != k.dtype or self.k[layer].device != k.device:
+            old_k, old_v = self.k[layer], self.v[layer]
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+            if old_k is not None and s:
+                self.k[layer][:, :, :s] = old_k[:, :, :s]
+                self.v[layer][:, :, :s] = old_v[:, :, :s]
+        self.k[layer][:, :, s:e] = k
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
 
 
 class Attention(nn.Module):
@@ -44,14 +90,18 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         B, N, _ = x.shape
         Hq, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, N, Hq + 2 * Hk, D)  # (B, N, Hq + 2Hk, D)
         q, k = ops.rope(qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hk], cos, sin)  # (B, N, H, D) contiguous
         v = qkv[:, :, Hq + Hk :]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, Hk, length + N, D)
         p = self.cfg.dropout if self.training else 0.0
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.cfg.attention, p)
+        y = causal_attention(q, k, v, self.cfg.attention, p)
         return self.wo(y.transpose(1, 2).reshape(B, N, Hq * D))  # (B, N, dim)
 
 
@@ -74,8 +124,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -111,18 +162,35 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, N = idx.shape
-        if N > self.cfg.max_seq_len:
+        start = 0 if cache is None else cache.length  # position of idx[:, 0]
+        if cache is None and N > self.cfg.max_seq_len:
             raise ValueError(f"Transformer: sequence length {N} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:N], self.rope_sin[:N]
+        if cache is not None:
+            if cache.batch_size != B or cache.n_layers != len(self.layers):
+                raise ValueError(f"Transformer: cache was made for batch {cache.batch_size} and {cache.n_layers} layers, "
+                                 f"got batch {B} and {len(self.layers)} layers")
+            if start + N > cache.capacity:
+                raise ValueError(f"Transformer: cache holds {start} of {cache.capacity} positions, "
+                                 f"no room for {N} more (reset it or re-prefill a cropped context)")
+        cos, sin = self.rope_cos[start : start + N], self.rope_sin[start : start + N]
         x = self.drop(self.tok_emb(idx))  # (B, N, dim)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += N
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean"):
-        h = self.hidden_states(idx)  # (B, N, dim)
+    def new_cache(self, batch_size: int = 1, capacity: Optional[int] = None) -> KVCache:
+        """An empty KVCache for incremental decoding (capacity defaults to max_seq_len)."""
+        return KVCache(self.cfg, batch_size, capacity)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
+                cache: Optional[KVCache] = None):
+        """idx (B, N) token ids. With `cache` (see new_cache), idx continues the cached tokens: positions start at
+        cache.length and the cache grows by N."""
+        h = self.hidden_states(idx, cache)  # (B, N, dim)
         if targets is None:
             return F.linear(h, self.head_weight)  # (B, N, V)
         return ops.linear_cross_entropy(h, self.head_weight, targets, reduction=reduction)

@@ -2,8 +2,9 @@
 
 Chunk by chunk over tokens (Liger-Kernel's scheme): logits_c = x_c @ W^T (torch/MKL matmul), then ONE kernel
 turns the chunk into its per-row loss and, in place, its gradient scale * (softmax - onehot); then
-dx_c = G_c @ W and dW += G_c^T @ x_c. The gradients are computed during the forward and scaled by the
-incoming gradient in the backward, so peak extra memory is one (chunk, vocab) buffer plus dW (the size of
+dx_c = G_c @ W and dW += G_c^T @ x_c. The gradients are computed during the forward (inside one opaque op,
+`fmkernels::linear_cross_entropy_fwd`, so torch.compile traces around it) and scaled by the incoming gradient
+in the backward, so peak extra memory is one (chunk, vocab) buffer plus dW (the size of
 the weight's gradient anyway) instead of several (tokens, vocab) tensors.
 
 Schema of the chunk kernel (defined once, here):
@@ -57,75 +58,101 @@ def default_chunk_size(tokens: int, vocab: int) -> int:
     return max(1, min(tokens, max(256, _CHUNK_ELEMS // max(vocab, 1))))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, reduction, chunk, kernel, cdtype):
-        T, H = x.shape
-        V = weight.shape[0]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        need_any = need_x or need_w or need_b
-        n_valid = int((target != ignore_index).sum()) if reduction == "mean" else 1
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(cdtype)
-            b = bias.to(cdtype) if bias is not None else None
-            dx = torch.empty((T, H), dtype=cdtype, device=x.device) if need_x else None
-            dw = torch.zeros((V, H), dtype=torch.float32, device=x.device) if need_w else None
-            db = torch.zeros((V,), dtype=torch.float32, device=x.device) if need_b else None
-            total = torch.zeros((), dtype=torch.float32, device=x.device)
-            for s in range(0, T, chunk):
-                e = min(T, s + chunk)
-                xc = x[s:e].to(cdtype)  # (C, H)
-                logits = xc @ w.t() if b is None else torch.addmm(b, xc, w.t())  # (C, V)
-                total += kernel(logits, target[s:e], scale, ignore_index).sum()  # logits <- scale * dL/dlogits
-                if not need_any:
-                    continue
-                if need_x:
-                    torch.mm(logits, w, out=dx[s:e])  # (C, H)
-                if need_w:
-                    if cdtype == torch.float32:
-                        dw.addmm_(logits.t(), xc)  # (V, H)
-                    else:
-                        dw += (logits.t() @ xc).float()
-                if need_b:
-                    db += logits.float().sum(0)
-        loss = total * scale if reduction == "mean" else total
-        ctx.save_for_backward(dx, dw, db)
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss
+# The whole chunk loop is one opaque op, so torch.compile traces the model around it (fullgraph works) and
+# autograd sees one node. It returns the loss and the gradients it computed on the way (empty when not needed);
+# its backward only scales them by the incoming gradient.
+define(
+    "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+    "bool mean, int chunk, str kernel, ScalarType cdtype, bool need_x, bool need_w, bool need_b) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
 
-    @staticmethod
-    def backward(ctx, g):
-        dx, dw, db = ctx.saved_tensors
-        xd, wd, bd = ctx.dtypes
-        one = isinstance(g, torch.Tensor) and g.numel() == 1 and bool(g == 1)
-
-        def scaled(t, dt):
-            if t is None:
-                return None
-            return (t if one else t * g).to(dt)
-
-        return scaled(dx, xd), scaled(dw, wd), scaled(db, bd), None, None, None, None, None, None
+_CHUNK_KERNELS: dict[str, Callable] = {"cpu": _ce_cpu, "cuda": _ce_cpu, "triton": _ce_triton, "reference": _ce_reference}
 
 
-def _run(kernel: Callable):
+@torch.library.impl("fmkernels::linear_cross_entropy_fwd", "CompositeExplicitAutograd")
+def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype, need_x, need_w, need_b):
+    """x (T, H), weight (V, H), bias (V,)?, target (T,) -> loss (), dx (T, H) cdtype, dw (V, H) fp32, db (V,) fp32."""
+    T, H = x.shape
+    V = weight.shape[0]
+    run_chunk = _CHUNK_KERNELS[kernel]
+    need_b = need_b and bias is not None
+    n_valid = int((target != ignore_index).sum()) if mean else 1
+    scale = 1.0 / max(n_valid, 1) if mean else 1.0
+    empty = x.new_empty((0,), dtype=torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.to(cdtype)
+        b = bias.to(cdtype) if bias is not None else None
+        dx = torch.empty((T, H), dtype=cdtype, device=x.device) if need_x else empty
+        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device) if need_w else empty
+        db = torch.zeros((V,), dtype=torch.float32, device=x.device) if need_b else empty
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            xc = x[s:e].to(cdtype)  # (C, H)
+            logits = xc @ w.t() if b is None else torch.addmm(b, xc, w.t())  # (C, V)
+            total += run_chunk(logits, target[s:e], scale, ignore_index).sum()  # logits <- scale * dL/dlogits
+            if need_x:
+                torch.mm(logits, w, out=dx[s:e])  # (C, H)
+            if need_w:
+                if cdtype == torch.float32:
+                    dw.addmm_(logits.t(), xc)  # (V, H)
+                else:
+                    dw += (logits.t() @ xc).float()
+            if need_b:
+                db += logits.float().sum(0)
+    return total * scale, dx, dw, db
+
+
+@torch.library.register_fake("fmkernels::linear_cross_entropy_fwd")
+def _lce_fwd_fake(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype, need_x, need_w, need_b):
+    T, H = x.shape
+    V = weight.shape[0]
+    empty = x.new_empty((0,), dtype=torch.float32)
+    return (x.new_empty((), dtype=torch.float32),
+            x.new_empty((T, H), dtype=cdtype) if need_x else empty,
+            x.new_empty((V, H), dtype=torch.float32) if need_w else empty,
+            x.new_empty((V,), dtype=torch.float32) if need_b and bias is not None else empty)
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    need_x, need_w, need_b = inputs[9:12]
+    _, dx, dw, db = output
+    ctx.save_for_backward(dx, dw, db)
+    ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.needs = (need_x, need_w, need_b and bias is not None)
+
+
+def _lce_backward(ctx, g, _gdx, _gdw, _gdb):
+    dx, dw, db = ctx.saved_tensors
+    grads = [(t * g).to(dt) if need else None for t, dt, need in zip((dx, dw, db), ctx.dtypes, ctx.needs)]
+    return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fmkernels::linear_cross_entropy_fwd", _lce_backward, setup_context=_lce_setup)
+
+
+def _run(kernel: str):
     def fn(x, weight, bias, target, ignore_index, reduction, chunk, cdtype):
-        return _LinearCrossEntropy.apply(x, weight, bias, target, ignore_index, reduction, chunk, kernel, cdtype)
+        grad = torch.is_grad_enabled()
+        return torch.ops.fmkernels.linear_cross_entropy_fwd(
+            x, weight, bias, target, ignore_index, reduction == "mean", chunk, kernel, cdtype,
+            grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad,
+        )[0]
 
     return fn
 
 
 OP = _dispatch.op("linear_cross_entropy")
-OP.register(_dispatch.Backend("cuda", _run(_ce_cpu), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",)))
-OP.register(_dispatch.Backend("triton", _run(_ce_triton), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",)))
-OP.register(_dispatch.Backend("cpu", _run(_ce_cpu), devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
-OP.register(_dispatch.Backend("reference", _run(_ce_reference), devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
+OP.register(_dispatch.Backend("cuda", _run("cuda"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",)))
+OP.register(_dispatch.Backend("triton", _run("triton"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",)))
+OP.register(_dispatch.Backend("cpu", _run("cpu"), devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
+OP.register(_dispatch.Backend("reference", _run("reference"), devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
 
 __all__ = ["linear_cross_entropy"]
 
 
-@torch.compiler.disable
 def linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Sparse matmuls vs their dense peers, N = K = 4096, M in {1, 16, 64, 256, 2048}, side by side in one run:
+"""Sparse matmuls vs their dense peers, N = K = 4096, M in {1, 16, 64, 256, 2048} (2:4 float also 32, 512, 1024),
+side by side in one run:
 
 - 2:4 SparseLinear (the sparse kernel, forced, and the layer's automatic sparse/dense choice) vs dense
   nn.Linear, fp32 and bf16;
@@ -11,7 +12,10 @@
 The second form interleaves dense and sparse repetitions of each case (the cores are shared and noisy: an
 interleaved median ratio is steadier than two separate runs), prints the ratio table and writes the JSON that
 tests/test_sparse_dispatch.py checks the dispatch table in fmkernels/ops/sparse.py against.
-By default a few minutes; FMK_BENCH_FULL=1 adds bf16/int8/BSR 50% and 90% at every M.
+By default a few minutes; FMK_BENCH_FULL=1 adds bf16/int8/BSR 50% and 90% at every M. Subsets, e.g. the
+2:4 fp32 M <= 64 target at 1 and 2 threads:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_sparse.py --kinds 2:4 --dtypes fp32 --ms 1,16,32,64 --threads 2
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from fmkernels.sparsity import pruning as P  # noqa: E402
 
 N = K = 4096
 MS = (1, 16, 64, 256, 2048)
+# 2:4 float: the issue's M values plus 32 (the M <= 64 target) and 512 / 1024 (where the sparse/dense crossover is)
+MS_24 = (1, 16, 32, 64, 256, 512, 1024, 2048)
 FULL = os.environ.get("FMK_BENCH_FULL", "0") == "1"
 MS_SHORT = MS if FULL else (1, 16, 64, 256)
 BSR_SPARSITY = (0.5, 0.8, 0.9) if FULL else (0.8,)
@@ -55,7 +61,7 @@ def _cases():
         lin.weight.data = w
         sl = SparseLinear.from_dense(lin, prune=True)
         v, m = sl.values.detach(), sl.meta
-        for M in (MS if dname == "fp32" else MS_SHORT):
+        for M in MS_24:
             x = torch.randn(M, K).to(dtype)
             out.append(("2:4", dname, M, lambda x=x, w=w: F.linear(x, w),
                         lambda x=x, v=v, m=m: fk.sparse24_mm(x, v, m, backend="cpu"),
@@ -101,7 +107,7 @@ def _ids():
 def _cases_index():
     idx = []
     for dname in ("fp32", "bf16"):
-        for M in (MS if dname == "fp32" else MS_SHORT):
+        for M in MS_24:
             idx.append(("2:4", dname, M))
     for M in MS_SHORT:
         idx.append(("2:4", "int8", M))
@@ -154,12 +160,19 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--kinds", default="", help="comma-separated subset, e.g. bsr32-50%%,bsr32-90%%")
     ap.add_argument("--merge", action="store_true", help="add/replace these rows in an existing --out file")
+    ap.add_argument("--dtypes", default="", help="comma-separated subset of fp32,bf16,int8")
+    ap.add_argument("--ms", default="", help="comma-separated subset of the M values, e.g. 1,16,32,64")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     kinds = set(filter(None, a.kinds.split(",")))
+    dtypes = set(filter(None, a.dtypes.split(",")))
+    ms = {int(v) for v in a.ms.split(",") if v}
     rows = []
     print(f"{'case':<16}{'dtype':<6}{'M':>6}{'dense ms':>11}{'sparse ms':>11}{'speedup':>9}{'  auto path'}")
     for kind, dname, M, dense, sparse, auto, flops in _all_cases():
-        if kinds and kind not in kinds:
+        if (kinds and kind not in kinds) or (dtypes and dname not in dtypes) or (ms and M not in ms):
             continue
         reps = max(3, a.reps // (3 if M >= 2048 else 1))
         td, ts = _interleaved(dense, sparse, reps)

@@ -122,11 +122,22 @@ def test_sparse24_mm_matches_reference(backend, dtype, M, N, K):
 
 
 @pytest.mark.parametrize("backend", S24_BACKENDS)
-@pytest.mark.parametrize("M", [9, 16, 65, 130])  # both CPU kernels (stream: small M, outer: larger M)
+@pytest.mark.parametrize("M", [9, 11, 12, 16, 65, 130])  # both CPU kernels (stream: M < 12, outer: M >= 12)
 def test_sparse24_mm_kernel_switch_and_noncontiguous(backend, M):
     if not _small(backend, M, 40, 96):
         pytest.skip("interpreter: small shapes only")
     _check_s24(backend, M, 40, 96, torch.float32, bias=False, noncontig=True)
+
+
+@pytest.mark.skipif("cpu" not in S24_BACKENDS, reason="CPU extension not built")
+@pytest.mark.parametrize("kernel", ["stream", "outer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse24_mm_each_cpu_kernel(kernel, dtype, monkeypatch):
+    # every panel width of the outer kernel (M % 64 in 1..16, 17..32, 33..48, 49..64), 4-row and 2-row W groups
+    # with leftover rows (N = 30), a partial last meta word (K = 100) and a multi-block K (K = 612)
+    monkeypatch.setenv("FMK_SPARSE24_KERNEL", kernel)
+    for M, N, K in [(1, 30, 100), (5, 30, 612), (20, 30, 100), (40, 30, 612), (64, 30, 100), (113, 30, 612)]:
+        _check_s24("cpu", M, N, K, dtype)
 
 
 def test_sparse24_mm_leading_dims():

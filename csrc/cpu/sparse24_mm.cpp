@@ -1,25 +1,30 @@
 // 2:4 semi-structured sparse matmul on CPU: y = x @ W^T (+ bias), W (N, K) stored as values (N, K/2) + meta
 // int32 (N, ceil(K/32)) (2-bit in-group positions, 16 per word; layout in fmkernels/reference/sparse.py).
 //
-// Two AVX-512 kernels, picked by M (rows of x):
-//  - "stream" (M <= 128): walks W rows in pairs; for each 16 columns of x (one zmm) the 8 kept values of row n
-//    and the 8 of row n+1 share a vpermps (single source) whose index comes from the two meta words (srlv +
-//    ternlog); lanes 0-7 accumulate row n, 8-15 row n+1. (Single-row fallback for odd rows: vpermt2ps over 32
-//    columns.) Measured 1.03-1.29x dense at M = 64, 1.5-1.8x at M = 1, 2-3.6x at M = 16 (N = K = 4096, 2 cores).
-//    W is read once per 4 rows of x as K/2 values + K/8 bytes of meta. FMK_SPARSE24_PAIRS=0 selects the
-//    single-row vpermt2ps variant for every row (benchmark knob); FMK_SPARSE24_KERNEL=stream|outer forces one.
-//  - "outer" (larger M, compute-bound): x is packed once as x^T panels (K, 64 rows of x); each kept value
-//    is broadcast and multiplied into the 64-row panel row of its column (4 FMAs with a memory operand per
-//    kept value, no shuffles). Half the FMAs of the dense product.
+// Two AVX-512 kernels, picked by M (rows of x); FMK_SPARSE24_KERNEL=stream|outer forces one (tests, benchmarks):
+//  - "stream" (M < 12, memory-bound): walks W rows in pairs; for each 16 columns of x (one zmm) the 8 kept values
+//    of row n and the 8 of row n+1 share a vpermps (single source) whose index comes from the two meta words
+//    (srlv + ternlog); lanes 0-7 accumulate row n, 8-15 row n+1. W is read once per 4 rows of x as K/2 values +
+//    K/8 bytes of meta. (Single-row fallback for odd rows: vpermt2ps over 32 columns; FMK_SPARSE24_PAIRS=0
+//    selects it for every row.) 1.5-2.2x dense at M = 1, 1 and 2 threads.
+//  - "outer" (M >= 12, compute-bound): x^T packed once per call in 64-row panels; each kept value is broadcast
+//    and FMA'd into its row's accumulators with the x^T row of its column as the memory operand: no shuffles,
+//    half the FMAs of the dense product (details at outer_word). N = K = 4096, 1 thread, vs nn.Linear:
+//    M = 16 2.1x, 32 2.0-2.2x, 64 1.8-1.9x, 256 1.35-1.46x, 2048 0.93x (the stream kernel it replaced at
+//    M >= 12: 1.16x at M = 64). Crossover with stream (1 thread): M = 11 stream 6.5 ms vs outer 7.6 ms,
+//    M = 12 7.4 vs 6.4 ms.
 // Also the backward pieces: sampled grad for the kept values only (grad_values[n, j] = sum_m gy[m,n] x[m,c]).
-// Parallel over output rows n (at::parallel_for); portable scalar fallback when AVX-512 is off.
+// Parallel over output rows n (chunks handed out dynamically: parallel_rows); portable scalar fallback when
+// AVX-512 is off.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -153,61 +158,132 @@ FMK_AVX512 void stream_kernel(const T* x, const T* vals, const int32_t* meta, fl
   for (; n < n1; ++n) stream_rows<T, 1>(x, vals, meta, y, M, n, K, N, ldx);
 }
 
-// ---------------------------------------------------------------- AVX-512 "outer" kernel (larger M)
+// ---------------------------------------------------------------- AVX-512 "outer" kernel (M >= kOuterMinM)
+//
+// x^T is packed once per call in panels of MP = 16 * MB rows of x (xt[k * MP + i] = x[m0 + i, k], zero padded).
+// Each kept value v = W[n, c] is broadcast and FMA'd into the MB accumulators of row n with the x^T row c as
+// the memory operand: MB FMAs + MB zmm loads + 1 broadcast per kept value, no shuffles, half the FMAs of the
+// dense product. R rows of W are interleaved (R * MB independent accumulator chains; with 4 chains of one row
+// the FMA latency bounds the loop: 1.2x dense at M = 64 vs 1.5-2x with 8 chains, 1 core). Blocking: NB rows
+// of W x KB columns; the x^T slice (KB * MP * 4 bytes, 8-16 KB) stays in L1 while NB rows walk it, the row
+// accumulators live in yacc (NB, MP) between K blocks, and the next K block of each W row is prefetched
+// (without it KB = 64 ran at 0.55x the speed of KB = 32: NB rows of W 8 KB apart share L1 sets).
+constexpr int kOuterNB = 24;
 
-constexpr int kPanel = 64;  // rows of x per packed panel (4 zmm)
-constexpr int kKBlock = 512;  // columns of W per pass (the x^T panel slice stays in L2; 64 measured slower: W strided)
+template <typename T>
+FMK_AVX512 static inline const float* word_values(const T* vr, int64_t jv, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (jv == 16) return vr;
+  }
+  _mm512_store_ps(buf, jv == 16 ? load16(vr) : load16(vr, tail_mask(jv)));
+  return buf;
+}
 
-// xt: (K, kPanel) fp32 panel; yacc: (rows n1-n0, kPanel) fp32 accumulators.
-template <typename T, int MB>
-FMK_AVX512 void outer_panel(const float* xt, const T* vals, const int32_t* meta, float* yacc, int64_t n0,
-                            int64_t n1, int64_t K, int64_t kb0, int64_t kb1) {
+// One 32-column meta word of R rows: acc[r][j] += sum_i v[r][i] * xt[col(r, i)][16 j .. 16 j + 15].
+template <int MB, int R>
+FMK_AVX512 static inline void outer_word(const float* xb, const float* const* vr, const uint32_t* words,
+                                         __m512 (*acc)[MB]) {
+  constexpr int MP = 16 * MB;
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xb + (4 * (i >> 1) + ((words[r] >> (2 * i)) & 3u)) * MP;
+      const __m512 b = _mm512_set1_ps(vr[r][i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[r][j]);
+    }
+  }
+}
+
+// Rows n .. n + R - 1 over meta words w0 .. w1 - 1 (the last word of a row may be partial: K % 32 != 0).
+template <typename T, int MB, int R>
+FMK_AVX512 void outer_rows(const float* xt, const T* vals, const int32_t* meta, float* ya, int64_t n, int64_t K,
+                           int64_t w0, int64_t w1, bool first) {
+  constexpr int MP = 16 * MB;
   const int64_t half = K / 2, nw = (K + 31) / 32;
-  alignas(64) int32_t cols[16];
-  alignas(64) float vv[16];
-  for (int64_t n = n0; n < n1; ++n) {
-    float* ya = yacc + (n - n0) * kPanel;
-    __m512 acc[MB];
-    for (int j = 0; j < MB; ++j) acc[j] = _mm512_loadu_ps(ya + 16 * j);
-    for (int64_t w = kb0 / 32; w < (kb1 + 31) / 32 && w < nw; ++w) {
-      const int64_t jv = std::min<int64_t>(16, half - w * 16);
-      const __m512i idx = _mm512_add_epi32(perm_index(meta[n * nw + w]), _mm512_set1_epi32(static_cast<int>(w * 32)));
-      _mm512_store_si512(cols, _mm512_mullo_epi32(idx, _mm512_set1_epi32(kPanel)));
-      const T* vr = vals + n * half + w * 16;
-      _mm512_store_ps(vv, jv == 16 ? load16(vr) : load16(vr, tail_mask(jv)));
-      for (int64_t i = 0; i < jv; ++i) {
-        const __m512 b = _mm512_set1_ps(vv[i]);
-        const float* xr = xt + cols[i];
-        for (int j = 0; j < MB; ++j) acc[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[j]);
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ya + r * MP + 16 * j);
+  alignas(64) float buf[R][16];
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t jv = std::min<int64_t>(16, half - w * 16);
+    uint32_t words[R];
+    const float* vr[R];
+    for (int r = 0; r < R; ++r) {
+      const T* row = vals + (n + r) * half + w * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(row + (w1 - w0) * 16), _MM_HINT_T0);  // this row, next K block
+      words[r] = static_cast<uint32_t>(meta[(n + r) * nw + w]);
+      vr[r] = word_values(row, jv, buf[r]);
+    }
+    if (jv == 16) {
+      outer_word<MB, R>(xt + w * 32 * MP, vr, words, acc);
+    } else {
+      for (int64_t i = 0; i < jv; ++i)
+        for (int r = 0; r < R; ++r) {
+          const float* xr = xt + (w * 32 + 4 * (i >> 1) + ((words[r] >> (2 * i)) & 3u)) * MP;
+          const __m512 b = _mm512_set1_ps(vr[r][i]);
+          for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16 * j), acc[r][j]);
+        }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(ya + r * MP + 16 * j, acc[r][j]);
+}
+
+// MB = 1, 2: 4 rows at a time; MB = 3, 4: 2 rows. KB * MP * 4 bytes of x^T per K block.
+template <int MB> constexpr int outer_r() { return MB <= 2 ? 4 : 2; }
+template <int MB> constexpr int outer_kb() { return MB == 1 ? 256 : MB == 2 ? 128 : 64; }
+
+// y[m0 .. m0 + rows, n0 .. n1] for one x^T panel.
+template <typename T, int MB>
+FMK_AVX512 void outer_panel(const float* xt, const T* vals, const int32_t* meta, float* y, int64_t m0, int64_t rows,
+                            int64_t n0, int64_t n1, int64_t K, int64_t N) {
+  constexpr int MP = 16 * MB, R = outer_r<MB>(), KB = outer_kb<MB>();
+  const int64_t nw = (K + 31) / 32;
+  alignas(64) float yacc[kOuterNB * MP];
+  for (int64_t nb = n0; nb < n1; nb += kOuterNB) {
+    const int64_t ne = std::min<int64_t>(n1, nb + kOuterNB);
+    for (int64_t w0 = 0; w0 < nw; w0 += KB / 32) {
+      const int64_t w1 = std::min<int64_t>(nw, w0 + KB / 32);
+      int64_t n = nb;
+      for (; n + R <= ne; n += R) outer_rows<T, MB, R>(xt, vals, meta, yacc + (n - nb) * MP, n, K, w0, w1, w0 == 0);
+      for (; n < ne; ++n) outer_rows<T, MB, 1>(xt, vals, meta, yacc + (n - nb) * MP, n, K, w0, w1, w0 == 0);
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t n = nb; n < ne; ++n) y[(m0 + i) * N + n] = yacc[(n - nb) * MP + i];
+  }
+}
+
+template <typename T>
+FMK_AVX512 void outer_rows_all(const float* xt, const T* vals, const int32_t* meta, float* y, int64_t M, int64_t n0,
+                               int64_t n1, int64_t K, int64_t N, int64_t mp) {
+  for (int64_t m0 = 0; m0 < M; m0 += mp) {
+    const int64_t rows = std::min<int64_t>(mp, M - m0);
+    const float* xp = xt + m0 * K;  // panel m0 / mp, (K, mp)
+    switch ((rows + 15) / 16) {
+      case 4: outer_panel<T, 4>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      case 3: outer_panel<T, 3>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      case 2: outer_panel<T, 2>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+      default: outer_panel<T, 1>(xp, vals, meta, y, m0, rows, n0, n1, K, N); break;
+    }
+  }
+}
+
+// Panels of mp rows (the last one padded to a multiple of 16): xt[m0 * K + k * mpp + i] = x[m0 + i, k].
+template <typename T>
+void pack_xt(const T* x, float* xt, int64_t M, int64_t K, int64_t ldx, int64_t mp, int64_t k0, int64_t k1) {
+  for (int64_t m0 = 0; m0 < M; m0 += mp) {
+    const int64_t rows = std::min<int64_t>(mp, M - m0), mpp = (rows + 15) / 16 * 16;
+    float* panel = xt + m0 * K;
+    for (int64_t kb = k0; kb < k1; kb += 64) {  // the destination block stays in L1
+      const int64_t ke = std::min<int64_t>(k1, kb + 64);
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* xr = x + (m0 + i) * ldx;
+        for (int64_t k = kb; k < ke; ++k) panel[k * mpp + i] = static_cast<float>(xr[k]);
       }
-    }
-    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(ya + 16 * j, acc[j]);
-  }
-}
-
-template <typename T>
-FMK_AVX512 void pack_xt(const T* x, float* xt, int64_t m0, int64_t rows, int64_t K, int64_t ldx) {
-  // xt[k * kPanel + i] = x[m0 + i, k], zero for i >= rows
-  for (int64_t k = 0; k < K; ++k) std::fill(xt + k * kPanel + rows, xt + (k + 1) * kPanel, 0.0f);
-  for (int64_t k0 = 0; k0 < K; k0 += 64) {  // k blocked: the destination block stays in L1
-    const int64_t k1 = std::min<int64_t>(K, k0 + 64);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* xr = x + (m0 + i) * ldx;
-      for (int64_t k = k0; k < k1; ++k) xt[k * kPanel + i] = static_cast<float>(xr[k]);
-    }
-  }
-}
-
-template <typename T>
-FMK_AVX512 void outer_kernel_rows(const float* xt, const T* vals, const int32_t* meta, float* yacc, int64_t n0,
-                                  int64_t n1, int64_t K, int mb) {
-  for (int64_t kb = 0; kb < K; kb += kKBlock) {
-    const int64_t kb1 = std::min<int64_t>(K, kb + kKBlock);
-    switch (mb) {
-      case 4: outer_panel<T, 4>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      case 3: outer_panel<T, 3>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      case 2: outer_panel<T, 2>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
-      default: outer_panel<T, 1>(xt, vals, meta, yacc, n0, n1, K, kb, kb1); break;
+      for (int64_t k = kb; k < ke; ++k)
+        for (int64_t i = rows; i < mpp; ++i) panel[k * mpp + i] = 0.0f;
     }
   }
 }
@@ -246,12 +322,26 @@ void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
               meta.scalar_type(), " ", meta.sizes());
 }
 
+// Rows [0, N) in chunks of `chunk` handed out by a shared counter to torch's threads (dynamic schedule): on the
+// shared cores a thread that loses its core for a time slice no longer holds back a fixed half of the rows
+// (static halves: M = 1 at 2 threads ran 0.55-0.73x dense in some benchmark runs, 1.3-1.5x in others). Each
+// output row is still computed by one thread with the same arithmetic: the result does not depend on the schedule.
+template <typename F>
+void parallel_rows(int64_t N, int64_t chunk, const F& fn) {
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nchunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) fn(c * chunk, std::min(N, (c + 1) * chunk));
+  });
+}
+
 // Which kernel: FMK_SPARSE24_KERNEL=stream|outer overrides (benchmarks); default by M.
-int64_t stream_max_m() {
+constexpr int64_t kOuterMinM = 12;  // stream below, outer from here (crossover measured: see the header comment)
+int64_t outer_min_m() {
   const char* e = std::getenv("FMK_SPARSE24_KERNEL");
   if (e && std::string(e) == "stream") return INT64_MAX;
   if (e && std::string(e) == "outer") return 0;
-  return 128;  // stream measured faster than outer up to M = 64 (2 cores Zen 4); beyond, dispatch picks dense anyway
+  return kOuterMinM;
 }
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in,
@@ -261,7 +351,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
               x_in.scalar_type(), " and ", values_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
-  at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  // every kernel writes all of y when K > 0
+  at::Tensor y32 = K > 0 ? at::empty({M, N}, x.options().dtype(at::kFloat)) : at::zeros({M, N}, x.options().dtype(at::kFloat));
   if (M > 0 && N > 0 && K > 0) {
     float* yp = y32.data_ptr<float>();
     const int32_t* mp = meta.data_ptr<int32_t>();
@@ -271,25 +362,20 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
       const scalar_t* vp = values.data_ptr<scalar_t>();
       if (!avx512) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { portable_rows<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
-      } else if (M <= stream_max_m()) {
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { stream_kernel<scalar_t>(xp, vp, mp, yp, M, n0, n1, K, N, K); });
+      } else if (M < outer_min_m()) {
+        // One thread: the stream kernel is memory-bound, and on the shared cores waking torch's second thread
+        // (OMP_WAIT_POLICY=PASSIVE) and waiting for it at the region's barrier cost more than it brings:
+        // M = 1, N = K = 4096: 1 thread 2.2-2.5 ms, 2 threads 8-24 ms (min 2.4 ms), dense nn.Linear 3.4 ms either way.
+        stream_kernel<scalar_t>(xp, vp, mp, yp, M, 0, N, K, N, K);
       } else {
-        const int64_t npanel = (M + kPanel - 1) / kPanel;
-        std::vector<float> xt(static_cast<size_t>(npanel) * K * kPanel);
-        at::parallel_for(0, npanel, 1, [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p)
-            pack_xt<scalar_t>(xp, xt.data() + p * K * kPanel, p * kPanel, std::min<int64_t>(kPanel, M - p * kPanel), K, K);
-        });
-        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-          std::vector<float> yacc(static_cast<size_t>(n1 - n0) * kPanel);
-          for (int64_t p = 0; p < npanel; ++p) {
-            const int64_t rows = std::min<int64_t>(kPanel, M - p * kPanel);
-            std::fill(yacc.begin(), yacc.end(), 0.0f);
-            outer_kernel_rows<scalar_t>(xt.data() + p * K * kPanel, vp, mp, yacc.data(), n0, n1, K,
-                                        static_cast<int>((rows + 15) / 16));
-            for (int64_t i = 0; i < rows; ++i)
-              for (int64_t n = n0; n < n1; ++n) yp[(p * kPanel + i) * N + n] = yacc[(n - n0) * kPanel + i];
-          }
+        constexpr int64_t mp_max = 64;  // rows of x per panel
+        // (K, 16 * ceil(M / 16)) in 64-row panels, 64-byte aligned (c10's allocator): each x^T row slice is
+        // whole cache lines
+        at::Tensor xt_t = at::empty({(M + 15) / 16 * 16 * K}, x.options().dtype(at::kFloat));
+        float* xt = xt_t.data_ptr<float>();
+        at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) { pack_xt<scalar_t>(xp, xt, M, K, K, mp_max, k0, k1); });
+        parallel_rows(N, 4 * kOuterNB, [&](int64_t n0, int64_t n1) {
+          outer_rows_all<scalar_t>(xt, vp, mp, yp, M, n0, n1, K, N, mp_max);
         });
       }
     });

@@ -76,6 +76,23 @@ class TrainConfig:
     aug_span_mask: float = 0.0  # probability per row of overwriting one span of aug_span_len input tokens
     aug_span_len: int = 8
     aug_rename: float = 0.0  # probability per training .py document of consistent local-name renaming (at tokenization)
+    # ---- data selection (fmkernels/train/selection.py)
+    select_mode: str = "none"  # "none" | "online" (score candidates, train on the top) | "offline" (score once, keep top)
+    select_ratio: float = 0.5  # online: batch_size of ceil(batch_size / ratio) candidates; offline: fraction kept
+    select_reference: Optional[str] = None  # checkpoint: score = loss - its loss (RHO-loss); None: score = loss
+    select_scorer: Optional[str] = None  # offline: the checkpoint that scores the corpus (required there)
+    # ---- quantization-aware training (fmk quantize --recover_steps; fmkernels.prepare_qat_)
+    qat: Optional[str] = None  # "int8" | "int4": fake-quantize the block linears while training
+    qat_group_size: int = 128  # int4 group size along in_features
+    # ---- task heads and multitask learning (fmkernels/train/multitask.py)
+    tasks: str = "lm"  # "lm" | "pkg" (package classification) | "lm,pkg" (multitask: one trunk, both heads)
+    task_weights: str = ""  # fixed loss weights "lm=1,pkg=0.5" (unnamed tasks: 1)
+    task_weighting: str = "fixed"  # "fixed" | "uncertainty" (learned exp(-s_i) L_i + s_i, Kendall et al.)
+    task_sampling: str = "all"  # "all" (every task every micro-step) | "proportional" | "temperature"
+    task_temperature: float = 2.0  # task_sampling temperature: p_i ~ n_i ** (1 / T)
+    cls_classes: int = 8  # pkg: the packages with the most training text (held-out files in each)
+    cls_pool: str = "mean"  # pkg: "mean" | "last" pooled hidden state -> classes
+    cls_chunks_per_file: int = 16  # pkg: at most this many seq_len chunks per file
     # ---- evaluation, logging, checkpoints
     eval_every: int = 200
     eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
@@ -191,8 +208,32 @@ class TrainConfig:
                 bad(name, "must be a probability in [0, 1]")
         if self.aug_span_len < 1:
             bad("aug_span_len", "must be >= 1")
+        if self.select_mode not in ("none", "online", "offline"):
+            bad("select_mode", "must be 'none', 'online' or 'offline'")
+        if not 0 < self.select_ratio <= 1:
+            bad("select_ratio", "must be in (0, 1]")
+        if self.select_mode == "offline" and not self.select_scorer:
+            bad("select_scorer", "is required with select_mode 'offline' (the checkpoint that scores the corpus)")
+        if self.select_mode == "none" and (self.select_scorer or self.select_reference):
+            bad("select_mode", "is 'none' but select_scorer / select_reference is set; choose 'online' or 'offline'")
+        if self.select_mode == "online" and self.select_scorer:
+            bad("select_scorer", "is for select_mode 'offline' (online selection scores with the model being trained)")
+        for name in ("select_reference", "select_scorer"):
+            if getattr(self, name) is not None and not os.path.exists(getattr(self, name)):
+                bad(name, "does not exist (a checkpoint directory or a run directory)")
+        if self.select_mode != "none" and self.distributed == "fsdp":
+            bad("select_mode", "is not supported with distributed 'fsdp' (use ddp)")
+        if self.qat not in (None, "int8", "int4"):
+            bad("qat", "must be None, 'int8' or 'int4'")
+        if self.qat is not None and (self.lora_rank or self.int8_training or self.sparsity):
+            bad("qat", "cannot be combined with lora_rank, int8_training or sparsity")
+        if self.qat_group_size not in (32, 64, 128, 256):
+            bad("qat_group_size", "must be 32, 64, 128 or 256")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        from .multitask import validate_task_fields
+
+        validate_task_fields(self)
         self.model_config(256 if self.tokenizer == "byte" else self.vocab_size)  # shapes: heads | dim, ...
 
     def to_dict(self) -> dict:

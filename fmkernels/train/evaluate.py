@@ -2,6 +2,8 @@
 validation split (encoded with the checkpoint's own tokenizer), or generate text."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -11,15 +13,20 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def load_model(path) -> tuple[Transformer, object, dict]:
-    """A dense Transformer (LoRA adapters of a fine-tuned checkpoint merged in), its tokenizer, the checkpoint."""
+    """A Transformer (LoRA adapters of a fine-tuned checkpoint merged in; the 2:4 / int8 / int4 layers of a compressed
+    one kept, so their kernels run), its tokenizer, the checkpoint."""
+    from .compress import build_model, is_compressed
     from .finetune import load_pretrained
 
-    pre = load_pretrained(path)
-    ck = pre["checkpoint"]
+    ck = load_checkpoint(resolve_checkpoint(path))
+    if is_compressed(ck["model"]):
+        mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
+        return build_model(mcfg, ck["model"], ck["state"].get("compress")), ck["tokenizer"], ck
+    pre = load_pretrained(ck["path"], ck)
     model = Transformer(pre["model_config"])
     model.load_state_dict(pre["model"])
     model.eval()
-    return model, ck["tokenizer"], ck
+    return model, pre["checkpoint"]["tokenizer"], pre["checkpoint"]
 
 
 @torch.no_grad()
@@ -35,13 +42,15 @@ def evaluate_checkpoint(path, corpus=None, val_fraction=None, include_tests=None
     _, val = split_documents(docs, val_fraction)
     ids = np.concatenate([np.asarray(tok.encode(d.text + "\n\n"), dtype=np.int64) for d in val])
     tb = torch.from_numpy(tok.token_bytes())
-    nll, ntok, nbytes, xs, ys = 0.0, 0, 0, [], []
+    nll, ntok, nbytes, xs, ys, fwd_s = 0.0, 0, 0, [], [], 0.0
 
     def flush():
-        nonlocal nll, ntok, nbytes
+        nonlocal nll, ntok, nbytes, fwd_s
         if xs:
             x, y = torch.stack(xs), torch.stack(ys)
+            t0 = time.perf_counter()
             nll += float(model(x, y, reduction="sum"))
+            fwd_s += time.perf_counter() - t0
             ntok += y.numel()
             nbytes += int(tb[y].sum())
             xs.clear()
@@ -56,4 +65,5 @@ def evaluate_checkpoint(path, corpus=None, val_fraction=None, include_tests=None
             flush()
     flush()
     return dict(checkpoint=str(ck["path"]), step=ck["state"]["step"], corpus=corpus, corpus_hash=digest,
-                tokens=ntok, bytes=nbytes, val_loss=nll / max(ntok, 1), val_bpb=bits_per_byte(nll, nbytes))
+                tokens=ntok, bytes=nbytes, val_loss=nll / max(ntok, 1), val_bpb=bits_per_byte(nll, nbytes),
+                tokens_per_s=ntok / max(fwd_s, 1e-9))

@@ -23,15 +23,22 @@ from ..models.config import ConfigError, TransformerConfig
 from .checkpoint import load_checkpoint, resolve_checkpoint
 
 
-def load_pretrained(path) -> dict:
+def load_pretrained(path, ck: Optional[dict] = None) -> dict:
     """{model: dense fmk-layout state dict, model_config: TransformerConfig, tokenizer_dir: Path, path: Path}.
-    A checkpoint trained with LoRA is merged into dense weights first."""
-    cpath = resolve_checkpoint(path)
-    ck = load_checkpoint(cpath)
+    A checkpoint trained with LoRA is merged into dense weights first; a compressed one (2:4, int8, int4) is
+    dequantized / densified. ck: the already loaded checkpoint of `path`."""
+    cpath = resolve_checkpoint(path) if ck is None else Path(ck["path"])
+    ck = load_checkpoint(cpath) if ck is None else ck
     mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
-    sd = ck["model"]
+    from .multitask import strip_task_heads
+
+    sd = strip_task_heads(ck["model"])  # task heads belong to their run; the trunk is what transfers
     cfg = ck["state"].get("config", {})
-    if int(cfg.get("lora_rank", 0) or 0) > 0:
+    from .compress import build_model, densify, is_compressed
+
+    if is_compressed(sd):  # fmk prune / quantize or a sparsity="2:4" run: dense (dequantized) weights
+        sd = densify(build_model(mcfg, sd, ck["state"].get("compress"))).state_dict()
+    elif int(cfg.get("lora_rank", 0) or 0) > 0:
         from ..models import Transformer
 
         model = Transformer(mcfg)

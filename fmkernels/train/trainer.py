@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import BatchSampler, bits_per_byte, eval_windows, prepare_data
+from ..data import bits_per_byte, eval_windows, prepare_data
 from ..models import PlainTransformer, Transformer, fmk_to_plain_state_dict, plain_to_fmk_state_dict
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -31,7 +31,8 @@ from .parallel import (DistInfo, apply_activation_checkpointing, apply_transform
                        teardown_distributed, unwrap, wrap_distributed)
 
 EXIT_OK, EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM = 0, 3, 130, 143
-CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"]
+CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
+              "flops"]
 
 
 class NonFiniteError(RuntimeError):
@@ -308,7 +309,7 @@ class Trainer:
             import shutil
 
             self.log(f"starting a fresh default run: clearing the previous one in {self.out}")
-            for p in old + [self.out / "summary.json", self.out / "train.log", self.out / "loss_curve.png"]:
+            for p in old + [self.out / n for n in ("summary.json", "train.log", "loss_curve.png", "tasks.csv")]:
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
@@ -351,6 +352,11 @@ class Trainer:
             sd = pre["model"] if cfg.model_impl == "fmkernels" else fmk_to_plain_state_dict(pre["model"], self.mcfg)
             model.load_state_dict(sd)
         apply_transforms(model, cfg.int8_training, cfg.sparsity)
+        if cfg.qat:
+            from .compress import apply_qat
+
+            n = apply_qat(model, cfg.qat, cfg.qat_group_size)
+            self.log(f"QAT: fake {cfg.qat} quantization on {n} block linears")
         from .finetune import apply_freezing, attach_lora, trainable_summary
 
         frozen = apply_freezing(model, cfg.freeze_embeddings, cfg.freeze_blocks)
@@ -362,6 +368,14 @@ class Trainer:
             n_tr, n_all = trainable_summary(model)
             note = " (the quantized base weights are buffers, not counted)" if cfg.lora_base != "dense" else ""
             self.log(f"trainable parameters: {n_tr:,} of {n_all:,} ({100 * n_tr / max(n_all, 1):.2f}%){note}")
+        self.tasks, self.task_metrics = None, None
+        if cfg.tasks.replace(" ", "") != "lm":  # task heads / multitask (fmkernels/train/multitask.py)
+            from ..models.config import ConfigError
+            from .multitask import TaskSet
+
+            if info.world > 1:
+                raise ConfigError(f"config: tasks {cfg.tasks!r} runs on one process (world {info.world}); use tasks lm")
+            self.tasks = TaskSet(cfg, self.data, model, self.device, info.rank, self.log, self.out)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = wrap_distributed(model, info)
@@ -373,8 +387,15 @@ class Trainer:
         fill = self.data.tokenizer.encode(" ")
         self.augment = TokenAugment(cfg.aug_crop, cfg.aug_token_dropout, cfg.aug_span_mask, cfg.aug_span_len,
                                     int(fill[0]) if fill else 0)
-        self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
+        from .selection import build_selection, train_flops_per_token
+
+        self.selection = build_selection(cfg, self.data, self.mcfg, info, self.device, lambda: unwrap(self.model),
+                                         self._autocast, self.log)
+        self.sampler = self.selection.sampler
+        self.flops_per_step = train_flops_per_token(self.mcfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len \
+            * cfg.grad_accum + self.selection.score_flops_per_step  # per rank
         self.step, self.tokens, self.train_time, self.best_val_bpb, self.nonfinite = 0, 0, 0.0, None, 0
+        self.train_time = self.selection.upfront_time_s  # offline scoring is part of the run's cost
         self.lr, self.last_ckpt, self.tb, self.last_saved_step = cfg.lr, None, None, None
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout stream, distinct per rank
         if cfg.resume:
@@ -395,6 +416,8 @@ class Trainer:
                 self.last_ckpt = ck["path"]
                 self.last_saved_step = self.step
                 self._truncate_csv(self.step)
+                if self.tasks is not None:
+                    self.tasks.truncate_csv(self.step)
                 self.log(f"resumed from {ck['path']} at step {self.step}")
         if cfg.tensorboard and info.is_main:
             try:
@@ -421,7 +444,10 @@ class Trainer:
             sync_ctx = model.no_sync() if (self.info.mode == "ddp" and not last) else _null()
             with sync_ctx:
                 with self._autocast():
-                    loss = model(x, y)
+                    if self.tasks is not None:
+                        loss = self.tasks.loss(unwrap(model), self.step, micro, (x, y))
+                    else:
+                        loss = model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         loss = loss_sum / cfg.grad_accum
@@ -501,7 +527,9 @@ class Trainer:
                     t_window, tok_window = now, 0
                     self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
                                        loss=repr(loss), lr=f"{self.lr:.6g}", grad_norm=f"{gn:.4g}",
-                                       tokens_per_s=f"{tps:.1f}"))
+                                       tokens_per_s=f"{tps:.1f}", flops=f"{self.flops():.4g}"))
+                    if self.tasks is not None:
+                        self.tasks.log_train(self.step, unwrap(self.model))
                     if pbar is not None:
                         pbar.set_postfix(step=self.step, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{self.lr:.2e}")
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
@@ -522,7 +550,7 @@ class Trainer:
             summary = dict(step=self.step, tokens=self.tokens, train_time_s=self.train_time,
                            tokens_per_s=self.tokens / max(self.train_time, 1e-9), final_train_loss=last_loss,
                            stop_reason=stop_reason, exit_code=exit_code, params=n_params,
-                           corpus_hash=self.data.corpus_hash)
+                           corpus_hash=self.data.corpus_hash, flops=self.flops(), **self.selection.summary)
             if exit_code == EXIT_OK:
                 if self.last_saved_step != self.step:
                     self.save()
@@ -530,6 +558,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     vl, vb = self._eval_and_log(None, final=True)
                     summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
+            if self.tasks is not None:
+                summary["tasks"] = self.task_metrics
             summary.update(best_val_bpb=self.best_val_bpb, checkpoint=str(self.last_ckpt) if self.last_ckpt else None)
         if info.is_main:
             png = self.plot()
@@ -547,6 +577,10 @@ class Trainer:
             self.tb.close()
         return summary
 
+    def flops(self) -> float:
+        """Training + scoring FLOPs so far, all ranks (selection.py's cost model)."""
+        return (self.selection.upfront_flops + self.step * self.flops_per_step) * self.info.world
+
     def _eval_and_log(self, max_tokens, final: bool):
         vl, vb = self.evaluate(max_tokens)
         if self.best_val_bpb is None or vb < self.best_val_bpb:
@@ -554,7 +588,10 @@ class Trainer:
         what = "full validation split" if max_tokens is None else f"first {max_tokens:,} validation tokens"
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
         self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}"))
+                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}"))
+        if self.tasks is not None:
+            self.task_metrics = self.tasks.evaluate(unwrap(self.model), self._autocast, self.cfg.batch_size, self.step,
+                                                    (vl, vb))
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:
@@ -568,6 +605,10 @@ class Trainer:
             lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
         if s.get("best_val_bpb") is not None:
             lines.append(f"best validation bits per byte: {s['best_val_bpb']:.4f}")
+        pkg = (s.get("tasks") or {}).get("pkg")
+        if pkg:
+            lines.append(f"task pkg: held-out accuracy {pkg['val_acc']:.4f} (balanced {pkg['balanced_acc']:.4f}) over "
+                         f"{pkg['n_val']} chunks, {pkg['n_classes']} classes; majority-class baseline {pkg['majority_acc']:.4f}")
         lines.append(f"checkpoint: {s.get('checkpoint')}")
         lines.append(f"metrics: {self.out / 'metrics.csv'}; loss curve: {s.get('loss_curve')}")
         if s.get("sample") is not None:

@@ -39,15 +39,18 @@ static inline int32_t round_clamp(float v) {
 // Quantize one row; writes q + offset (offset 128 -> unsigned bytes for vpdpbusd, 0 -> signed bytes).
 // If lo != nullptr, also the residual term (same offset). Returns scale (and *scale_lo).
 template <typename T>
-static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo, float* scale_lo) {
+static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo, float* scale_lo,
+                                       int32_t* qsum) {
   const float amax = row_amax_portable(x, K);
   const float scale = amax / kQMax;
   const float inv = amax > 0.f ? kQMax / amax : 0.f;
   const float scale2 = scale / kLoDiv;
   const float inv2 = amax > 0.f ? kQMax * kLoDiv / amax : 0.f;
+  int32_t sum = 0;
   for (int64_t k = 0; k < K; ++k) {
     const float v = static_cast<float>(x[k]);
     const int32_t qi = round_clamp(v * inv);
+    sum += qi;
     q[k] = static_cast<uint8_t>(qi + offset);
     if (lo) {
       const volatile float prod = static_cast<float>(qi) * scale;  // no FMA contraction: match the reference
@@ -56,6 +59,7 @@ static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int of
     }
   }
   if (scale_lo) *scale_lo = scale2;
+  if (qsum) *qsum = sum;
   return scale;
 }
 
@@ -78,7 +82,7 @@ FMK_AVX512 static inline __m512i round_clamp16(__m512 v) {
 
 template <typename T>
 FMK_AVX512 static inline float quant_row_avx512(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo,
-                                                float* scale_lo) {
+                                                float* scale_lo, int32_t* qsum) {
   const float amax = row_amax_avx512(x, K);
   const float scale = amax / kQMax;
   const float inv = amax > 0.f ? kQMax / amax : 0.f;
@@ -86,10 +90,12 @@ FMK_AVX512 static inline float quant_row_avx512(const T* x, int64_t K, uint8_t* 
   const float inv2 = amax > 0.f ? kQMax * kLoDiv / amax : 0.f;
   const __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(scale), vinv2 = _mm512_set1_ps(inv2);
   const __m512i voff = _mm512_set1_epi32(offset);
+  __m512i vsum = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = tail_mask(K - k);
     const __m512 v = load16(x + k, m);
-    const __m512i qi = round_clamp16(_mm512_mul_ps(v, vinv));
+    const __m512i qi = round_clamp16(_mm512_mul_ps(v, vinv));  // masked-off lanes: 0
+    vsum = _mm512_add_epi32(vsum, qi);
     _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(qi, voff)));
     if (lo) {
       // residual = v - q * scale, rounded twice (mul, then sub) like the reference: keep them separate
@@ -101,13 +107,16 @@ FMK_AVX512 static inline float quant_row_avx512(const T* x, int64_t K, uint8_t* 
     }
   }
   if (scale_lo) *scale_lo = scale2;
+  if (qsum) *qsum = _mm512_reduce_add_epi32(vsum);
   return scale;
 }
 
+// qsum (optional): sum_k q[k] of the (first-term, signed) codes
 template <typename T>
 static inline float quant_row(bool avx512, const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo = nullptr,
-                              float* scale_lo = nullptr) {
-  return avx512 ? quant_row_avx512(x, K, q, offset, lo, scale_lo) : quant_row_portable(x, K, q, offset, lo, scale_lo);
+                              float* scale_lo = nullptr, int32_t* qsum = nullptr) {
+  return avx512 ? quant_row_avx512(x, K, q, offset, lo, scale_lo, qsum)
+                : quant_row_portable(x, K, q, offset, lo, scale_lo, qsum);
 }
 
 }  // namespace fmk::cpu::quant

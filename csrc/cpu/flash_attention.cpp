@@ -1153,52 +1153,36 @@ struct BwdTask {
   float c;
 };
 
-// Key blocks of chunk g: g, g + G, g + 2G, ... (interleaved so causal chunks cost about the same).
-template <typename T>
-void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* Kt, const float* Vt, const float* Kf,
-              const float* lse2, const float* delta, float* dq_acc, T* dq, T* dk, T* dv, float scale) {
-  const Kernels kn = kernels();
+// The task loop both backward paths share. Tasks (batch, kv head, chunk g) come from a shared counter; chunk g
+// owns key blocks g, g + G, g + 2G, ... (interleaved so causal chunks cost about the same). Per task, dK and dV
+// accumulate in fp32 over the GQA group's query heads and are stored once; dQ accumulates per chunk in dq_acc
+// (nq_rows rows per head, summed afterwards) or, when G == 1, in a per-head buffer stored right after the head.
+// block(scratch, bh, bhk, kb, dka, dva, dQ) adds key block kb's contributions for query head bh; scratch comes
+// from make_scratch() once per worker.
+template <typename T, typename MakeScratch, typename Block>
+void bwd_tasks(const BwdTask& t, int64_t nq_rows, float* dq_acc, T* dq, T* dk, T* dv, float scale,
+               const MakeScratch& make_scratch, const Block& block) {
   const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
   const bool vec = use_avx512();
   const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
-    std::vector<float> S(BQ * BK), dP(BQ * BK), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
-    std::vector<float> dq_local(t.G == 1 ? t.Nq * t.Dp : 0);  // G == 1: a head's dQ is final after its task
+    auto scratch = make_scratch();
+    std::vector<float> dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
+    std::vector<float> dq_local(t.G == 1 ? nq_rows * t.Dp : 0);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
       std::fill(dKa.begin(), dKa.end(), 0.0f);
       std::fill(dVa.begin(), dVa.end(), 0.0f);
       for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
         const int64_t bh = b * t.Hq + h;
-        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nq * t.Dp;
+        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * nq_rows * t.Dp;
         if (t.G == 1) {
           dQ = dq_local.data();
           std::fill(dq_local.begin(), dq_local.end(), 0.0f);
         }
-        for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
-          const int64_t j0 = kb * BK;
-          const int64_t qlo = t.mask.qlo(j0), qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
-          const float* ktb = Kt + (bhk * t.nkb + kb) * t.Dp * BK;
-          const float* vtb = Vt + (bhk * t.nkb + kb) * t.Dp * BK;
-          const float* kfb = Kf + (bhk * t.Nkp + j0) * t.Dp;
-          float* dka = dKa.data() + idx * BK * t.Dp;
-          float* dva = dVa.data() + idx * BK * t.Dp;
-          for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
-            const int64_t M = std::min(BQ, qhi - r0);
-            const float* Q = Qf + (bh * t.Nq + r0) * t.Dp;
-            const float* dO = dOf + (bh * t.Nq + r0) * t.Dp;
-            kn.abt(M, BK, t.D, Q, t.Dp, ktb, BK, S.data(), BK);
-            kn.abt(M, BK, t.D, dO, t.Dp, vtb, BK, dP.data(), BK);
-            if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-            for (int64_t i = 0; i < M; ++i)
-              kn.bwd_row(S.data() + i * BK, dP.data() + i * BK, BK, t.c, lse2[bh * t.Nq + r0 + i],
-                         delta[bh * t.Nq + r0 + i]);
-            kn.ab(BK, t.Dp, M, S.data(), 1, BK, dO, t.Dp, dva, t.Dp);   // dV += P^T dO
-            kn.ab(BK, t.Dp, M, dP.data(), 1, BK, Q, t.Dp, dka, t.Dp);   // dK += dS^T Q
-            kn.ab(M, t.Dp, BK, dP.data(), BK, 1, kfb, t.Dp, dQ + r0 * t.Dp, t.Dp);  // dQ += dS K
-          }
-        }
+        for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx)
+          block(scratch, bh, bhk, kb, dKa.data() + idx * BK * t.Dp, dVa.data() + idx * BK * t.Dp, dQ);
         if (t.G == 1) store_rows(vec, dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
       }
       for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
@@ -1210,62 +1194,75 @@ void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* 
   });
 }
 
+template <typename T>
+void bwd_fp32(const BwdTask& t, const float* Qf, const float* dOf, const float* Kt, const float* Vt, const float* Kf,
+              const float* lse2, const float* delta, float* dq_acc, T* dq, T* dk, T* dv, float scale) {
+  const Kernels kn = kernels();
+  struct Scratch {
+    std::vector<float> S, dP;
+  };
+  const auto make_scratch = [] { return Scratch{std::vector<float>(BQ * BK), std::vector<float>(BQ * BK)}; };
+  bwd_tasks(t, t.Nq, dq_acc, dq, dk, dv, scale, make_scratch,
+            [&](Scratch& sc, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
+    float* S = sc.S.data();
+    float* dP = sc.dP.data();
+    const int64_t j0 = kb * BK;
+    const int64_t qlo = t.mask.qlo(j0), qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
+    const float* ktb = Kt + (bhk * t.nkb + kb) * t.Dp * BK;
+    const float* vtb = Vt + (bhk * t.nkb + kb) * t.Dp * BK;
+    const float* kfb = Kf + (bhk * t.Nkp + j0) * t.Dp;
+    for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
+      const int64_t M = std::min(BQ, qhi - r0);
+      const float* Q = Qf + (bh * t.Nq + r0) * t.Dp;
+      const float* dO = dOf + (bh * t.Nq + r0) * t.Dp;
+      kn.abt(M, BK, t.D, Q, t.Dp, ktb, BK, S, BK);
+      kn.abt(M, BK, t.D, dO, t.Dp, vtb, BK, dP, BK);
+      if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S, r0, M, j0);
+      for (int64_t i = 0; i < M; ++i)
+        kn.bwd_row(S + i * BK, dP + i * BK, BK, t.c, lse2[bh * t.Nq + r0 + i], delta[bh * t.Nq + r0 + i]);
+      kn.ab(BK, t.Dp, M, S, 1, BK, dO, t.Dp, dva, t.Dp);                    // dV += P^T dO
+      kn.ab(BK, t.Dp, M, dP, 1, BK, Q, t.Dp, dka, t.Dp);                    // dK += dS^T Q
+      kn.ab(M, t.Dp, BK, dP, BK, 1, kfb, t.Dp, dQ + r0 * t.Dp, t.Dp);       // dQ += dS K
+    }
+  });
+}
+
 // bf16 path: tiles are computed transposed (S^T = K Q^T, dP^T = V dO^T) so that P^T and dS^T come out
 // row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
 // aligned to BQ (the Q^T / dO^T pair panels are blocked); padded query columns have lse2 = +inf (P = 0).
 void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
               const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dq,
               bf16* dk, bf16* dv, float scale) {
-  const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
-  const bool vec = use_avx512();
-  const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
-    std::vector<float> ST(BK * BQ), dPT(BK * BQ), dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
-    std::vector<bf16> PT(BK * BQ), dST(BK * BQ), Z(BK * BQ);
-    std::vector<float> dq_local(t.G == 1 ? t.Nqp * t.Dp : 0);  // G == 1: a head's dQ is final after its task
-    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
-      const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
-      std::fill(dKa.begin(), dKa.end(), 0.0f);
-      std::fill(dVa.begin(), dVa.end(), 0.0f);
-      for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
-        const int64_t bh = b * t.Hq + h;
-        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * t.Nqp * t.Dp;
-        if (t.G == 1) {
-          dQ = dq_local.data();
-          std::fill(dq_local.begin(), dq_local.end(), 0.0f);
-        }
-        for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
-          const int64_t j0 = kb * BK;
-          const int64_t qlo = t.mask.qlo(j0) / BQ * BQ, qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
-          const bf16* kb_rows = Kb + (bhk * t.Nkp + j0) * t.Dp;
-          const bf16* vb_rows = Vb + (bhk * t.Nkp + j0) * t.Dp;
-          const bf16* krb = Kr + (bhk * t.Nkp + j0) * t.Dp;
-          float* dka = dKa.data() + idx * BK * t.Dp;
-          float* dva = dVa.data() + idx * BK * t.Dp;
-          for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
-            const int64_t off = bh * t.Nqp + r0;
-            if (t.mask.full(r0, std::min(r0 + BQ, t.Nq), j0)) {
-              bwd_sdp_fused_bf16(t.Dp / 2, kb_rows, vb_rows, t.Dp, Qt + off * t.Dp, dOt + off * t.Dp, t.c, lse2 + off,
-                                 delta + off, PT.data(), dST.data(), Z.data());
-            } else {
-              gemm_bf16_avx512(BK, BQ, t.Dp / 2, vb_rows, t.Dp, 2, dOt + off * t.Dp, BQ, dPT.data(), BQ, false);
-              gemm_bf16_avx512(BK, BQ, t.Dp / 2, kb_rows, t.Dp, 2, Qt + off * t.Dp, BQ, ST.data(), BQ, false);
-              t.mask.apply_t(ST.data(), r0, j0);
-              bwd_tile_t_bf16(ST.data(), dPT.data(), t.c, lse2 + off, delta + off, PT.data(), dST.data(), Z.data());
-            }
-            gemm_bf16_avx512(BK, t.Dp, BQ / 2, PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp, dva, t.Dp, true);  // dV
-            gemm_bf16_avx512(BK, t.Dp, BQ / 2, dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp, dka, t.Dp, true);  // dK
-            gemm_bf16_avx512(BQ, t.Dp, BK / 2, Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
-          }
-        }
-        if (t.G == 1) store_rows(vec, dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
+  struct Scratch {
+    std::vector<float> ST, dPT;
+    std::vector<bf16> PT, dST, Z;
+  };
+  const auto make_scratch = [] {
+    return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(BK * BQ),
+                   std::vector<bf16>(BK * BQ), std::vector<bf16>(BK * BQ)};
+  };
+  bwd_tasks(t, t.Nqp, dq_acc, dq, dk, dv, scale, make_scratch,
+            [&](Scratch& sc, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
+    const int64_t j0 = kb * BK;
+    const int64_t qlo = t.mask.qlo(j0) / BQ * BQ, qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
+    const bf16* kb_rows = Kb + (bhk * t.Nkp + j0) * t.Dp;
+    const bf16* vb_rows = Vb + (bhk * t.Nkp + j0) * t.Dp;
+    const bf16* krb = Kr + (bhk * t.Nkp + j0) * t.Dp;
+    for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
+      const int64_t off = bh * t.Nqp + r0;
+      if (t.mask.full(r0, std::min(r0 + BQ, t.Nq), j0)) {
+        bwd_sdp_fused_bf16(t.Dp / 2, kb_rows, vb_rows, t.Dp, Qt + off * t.Dp, dOt + off * t.Dp, t.c, lse2 + off,
+                           delta + off, sc.PT.data(), sc.dST.data(), sc.Z.data());
+      } else {
+        gemm_bf16_avx512(BK, BQ, t.Dp / 2, vb_rows, t.Dp, 2, dOt + off * t.Dp, BQ, sc.dPT.data(), BQ, false);
+        gemm_bf16_avx512(BK, BQ, t.Dp / 2, kb_rows, t.Dp, 2, Qt + off * t.Dp, BQ, sc.ST.data(), BQ, false);
+        t.mask.apply_t(sc.ST.data(), r0, j0);
+        bwd_tile_t_bf16(sc.ST.data(), sc.dPT.data(), t.c, lse2 + off, delta + off, sc.PT.data(), sc.dST.data(),
+                        sc.Z.data());
       }
-      for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
-        const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
-        store_rows(vec, dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
-        store_rows(vec, dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
-      }
+      gemm_bf16_avx512(BK, t.Dp, BQ / 2, sc.PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp, dva, t.Dp, true);   // dV
+      gemm_bf16_avx512(BK, t.Dp, BQ / 2, sc.dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp, dka, t.Dp, true);   // dK
+      gemm_bf16_avx512(BQ, t.Dp, BK / 2, sc.Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
     }
   });
 }

@@ -19,6 +19,7 @@ import fmkernels
 from fmkernels import nn as fnn
 from fmkernels import ops
 from fmkernels.ops.rope import rope_cos_sin
+from fmkernels.reference.attention import attention_mask
 
 from .config import TransformerConfig
 
@@ -38,9 +39,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: st
     if Nq == Nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     # decoding with a KV cache: SDPA's is_causal aligns top-left; the cache needs bottom-right (j <= i + Nk - Nq)
-    i = torch.arange(Nq, device=q.device)[:, None]
-    j = torch.arange(Nk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq), dropout_p=dropout_p)
+    mask = attention_mask(Nq, Nk, -1, 0, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class KVCache:

@@ -104,35 +104,35 @@ inline int64_t workers(int64_t ntask) { return std::max<int64_t>(1, std::min<int
 // ================================================================ AVX-512 fp32 kernels
 
 // 2^x for x <= 128; x <= -126 (and -inf) gives 0 (no denormals). 2^f on [-0.5, 0.5] by a Chebyshev-fitted
-// polynomial: degree 5 (1.0e-7 relative, fp32 ulp level); degree 4 (3.6e-6) or 3 (7.5e-5, 50x under bf16's half
-// ulp) where p is rounded to bf16 anyway (the bf16 tiles use 3).
-template <int DEG = 5>
+// degree-5 polynomial (1.0e-7 relative, fp32 ulp level).
 FMK_AVX512 static inline __m512 exp2_ps(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
-  __m512 p;
-  if constexpr (DEG == 3) {
-    p = _mm512_set1_ps(5.518637778774862e-02f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261236903717792e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932582809610981e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999279206783476e-01f));
-    return _mm512_maskz_scalef_ps(live, p, n);
-  } else if constexpr (DEG >= 5) {
-    p = _mm512_set1_ps(1.34004417095362e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676046747499872e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327190348713e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107174899823e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067218047e-01f));
-  } else {
-    p = _mm512_set1_ps(9.676046747496274e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5922119292501016e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107174899843e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931210235358917e-01f));
-  }
+  __m512 p = _mm512_set1_ps(1.34004417095362e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676046747499872e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327190348713e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107174899823e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067218047e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000755330434f));
   return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// 2^x where the result is rounded to bf16 (P and dS of the bf16 tiles): 7.5e-5 relative, 26x under bf16's half
+// ulp. Five instructions: f = x - floor(x) in [0, 1] (vreduceps), a degree-3 fit of 2^f (lawson-weighted
+// minimax on [0, 1]), times 2^floor(x) (vscalefps). x = -inf gives 0 (vreduceps returns 0, vscalefps scales by
+// 2^-inf); x below -149 underflows to 0, between -149 and -126 to bf16 denormals (so no compare or clamp).
+// Valid for x <= 128 and not NaN (a NaN score stays NaN). Against exp2_ps's degree-3 form (compare, clamp,
+// round, subtract, 3 FMAs, masked scale), with the scale folded into one fmsub, the bf16 fwd went 24.6 -> 23.8 ms
+// (B4 H8 N1024 D64, 2 cores).
+FMK_AVX512 static inline __m512 exp2_bf16_ps(__m512 x) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.07802420109510422f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606705129146576f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958338618278503f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251365661621f));
+  return _mm512_scalef_ps(p, x);
 }
 
 // C (M x 16*NB) = A (M x K, row stride lda) * Bt (K x 16*NB, row stride ldb). MR x 32 register tiles.
@@ -279,56 +279,79 @@ FMK_AVX512 void bwd_row_avx512(float* s, float* dp, int64_t n, float c, float ls
 
 using bf16 = c10::BFloat16;
 
-// C (M x N, fp32) = A (M x K bf16, row stride lda, K even) * Bp (pair panel of K x N, lane stride ldb = N).
-template <int MR, int NV>
-FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, const bf16* A, int64_t lda, int64_t lpa, const bf16* Bp,
-                                                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// C (M x N, fp32) (+)= A (M x K bf16, K even) * Bp (pair panel of K x N, lane stride ldb). A's pair (row r,
+// pair kp) at A + r*lda + kp*lpa. LDA / LPA > 0 fix those strides at compile time: the MR broadcasts of a k step
+// then address A by immediate offsets from one pointer. With runtime strides GCC held MR row pointers and
+// spilled the C row pointers to xmm registers; the prologue/epilogue was ~15% of the tile's cycles (K2 = 32).
+template <int MR, int NV, int64_t LDA, int64_t LPA>
+FMK_AVX512_BF16 static inline void abt_bf16_tile(int64_t K2, int64_t nblk, int64_t ablk, const bf16* A, int64_t lda_rt,
+                                                 int64_t lpa_rt, const bf16* Bp, int64_t ldb, float* C, int64_t ldc,
+                                                 bool accumulate) {
+  const int64_t lda = LDA > 0 ? LDA : lda_rt, lpa = LPA > 0 ? LPA : lpa_rt;
   // Accumulators live in registers for the whole K loop (MR * NV <= 16 zmm); fully unrolled over r and v so
   // GCC keeps them there (with arrays it split the loop and re-broadcast A once per output vector).
   __m512 acc[MR * NV];
 #pragma GCC unroll 16
   for (int x = 0; x < MR * NV; ++x)
     acc[x] = accumulate ? _mm512_loadu_ps(C + (x / NV) * ldc + 16 * (x % NV)) : _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < K2; ++kp) {
+  const bf16* bp = Bp;
+  for (int64_t blk = 0; blk < nblk; ++blk)
+  for (const bf16 *a = A + blk * ablk, *a_end = a + K2 * lpa; a != a_end; a += lpa, bp += 2 * ldb) {
     __m512bh b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + (kp * ldb + 16 * v) * 2);
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(bp + 32 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + kp * lpa, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      std::memcpy(&pair, a + r * lda, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_dpbf16_ps(acc[r * NV + v], a, b[v]);
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_dpbf16_ps(acc[r * NV + v], av, b[v]);
     }
   }
 #pragma GCC unroll 16
   for (int x = 0; x < MR * NV; ++x) _mm512_storeu_ps(C + (x / NV) * ldc + 16 * (x % NV), acc[x]);
 }
 
-template <int MR, int NVMAX>
-FMK_AVX512_BF16 static inline void abt_bf16_rows(int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
-                                                 const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+template <int MR, int NVMAX, int64_t LDA, int64_t LPA>
+FMK_AVX512_BF16 static inline void abt_bf16_rows(int64_t N, int64_t K2, int64_t nblk, int64_t ablk, const bf16* A,
+                                                 int64_t lda, int64_t lpa, const bf16* Bp, int64_t ldb, float* C,
+                                                 int64_t ldc, bool accumulate) {
   int64_t c = 0;
   for (; c + 16 * NVMAX <= N; c += 16 * NVMAX)
-    abt_bf16_tile<MR, NVMAX>(K2, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
-  for (; c < N; c += 16) abt_bf16_tile<MR, 1>(K2, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
+    abt_bf16_tile<MR, NVMAX, LDA, LPA>(K2, nblk, ablk, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
+  for (; c < N; c += 16)
+    abt_bf16_tile<MR, 1, LDA, LPA>(K2, nblk, ablk, A, lda, lpa, Bp + 2 * c, ldb, C + c, ldc, accumulate);
 }
 
 // C (M x N) (+)= A * B with vdpbf16ps: A's pair (row r, pair kp) at A + r*lda + kp*lpa (lpa = 2: row-major
 // pairs), B a pair panel (K2 pairs x N lanes, lane stride ldb). Used for Q K^T (B = K^T panel), P V, P^T dO,
-// dS^T Q and dS K. N multiple of 16.
-FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
-                                      const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// dS^T Q and dS K. N multiple of 16. LDA / LPA: compile-time A strides (0: use lda / lpa).
+// Blocked A: the K pairs come in nblk blocks of K2 pairs, A's block b at A + b * ablk (same row / pair strides
+// inside each block); Bp's pairs continue across blocks. dV += P^T dO and dK += dS^T Q take all query blocks of a
+// key block in one call, so the fp32 C tile is loaded and stored once per key block instead of once per query
+// block (K2 = 32 -> 32 * nblk pairs per load/store).
+template <int64_t LDA = 0, int64_t LPA = 0>
+FMK_AVX512_BF16 void gemm_bf16_blocked_avx512(int64_t M, int64_t N, int64_t K2, int64_t nblk, int64_t ablk,
+                                              const bf16* A, int64_t lda, int64_t lpa, const bf16* Bp, int64_t ldb,
+                                              float* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
+  const int64_t la = LDA > 0 ? LDA : lda;
   if (N <= 64) {  // 8 x 32 and 4 x 64 tiles measured the same here (2 cores Zen 4)
     for (; i + 8 <= M; i += 8)
-      abt_bf16_rows<8, 2>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
+      abt_bf16_rows<8, 2, LDA, LPA>(N, K2, nblk, ablk, A + i * la, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   } else {
     for (; i + 4 <= M; i += 4)
-      abt_bf16_rows<4, 4>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
+      abt_bf16_rows<4, 4, LDA, LPA>(N, K2, nblk, ablk, A + i * la, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   }
-  for (; i < M; ++i) abt_bf16_rows<1, 4>(N, K2, A + i * lda, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i)
+    abt_bf16_rows<1, 4, LDA, LPA>(N, K2, nblk, ablk, A + i * la, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
+}
+
+template <int64_t LDA = 0, int64_t LPA = 0>
+FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf16* A, int64_t lda, int64_t lpa,
+                                      const bf16* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_bf16_blocked_avx512<LDA, LPA>(M, N, K2, 1, 0, A, lda, lpa, Bp, ldb, C, ldc, accumulate);
 }
 
 // Forward tile (bf16 path): online-softmax update of rows [0, M) of S (BK wide), rescale the output rows, and
@@ -359,7 +382,7 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
     const __m512 vm = _mm512_set1_ps(m[i]);
     __m512 sum = _mm512_setzero_ps();
     for (int v = 0; v < BK / 16; ++v) {
-      const __m512 p = exp2_ps<3>(_mm512_sub_ps(t[v], vm));
+      const __m512 p = exp2_bf16_ps(_mm512_sub_ps(t[v], vm));
       sum = _mm512_add_ps(sum, p);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
     }
@@ -375,8 +398,9 @@ FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, f
   }
 }
 
-// Q K^T fused with softmax_tile_bf16 for full tiles (BQ rows, no masked pairs): 4-row x 64-key accumulator
-// blocks (a whole score row in registers) go straight to P (bf16), the row sums lv and the lazy rescale of O.
+// Q K^T fused with softmax_tile_bf16 for full tiles (BQ rows, no masked pairs) and c > 0: 4-row x 64-key
+// accumulator blocks (a whole score row in registers) go straight to P (bf16), the row sums lv and the lazy
+// rescale of O.
 FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ldq, const bf16* Ktp, float c, float* m,
                                            float* lv, float* O, int64_t Dp, bf16* P) {
   static_assert(BK == 64, "one 4 x 64 register block per row group");
@@ -402,12 +426,11 @@ FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ld
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t i = i0 + r;
-      __m512 mx = _mm512_set1_ps(kNegInf);
+      // c > 0 (the caller checks), so max(acc) * c == max(acc * c): the scale folds into the fmsub below.
+      __m512 mx = acc[4 * r];
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) {
-        acc[4 * r + v] = _mm512_mul_ps(acc[4 * r + v], vc);
-        mx = _mm512_max_ps(mx, acc[4 * r + v]);
-      }
+      for (int v = 1; v < 4; ++v) mx = _mm512_max_ps(mx, acc[4 * r + v]);
+      mx = _mm512_mul_ps(mx, vc);
       float alpha = 1.0f;
       if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[i] + kRescale), _CMP_GT_OQ) != 0) {  // as softmax_tile_bf16
         const float tile_max = _mm512_reduce_max_ps(mx);
@@ -418,7 +441,7 @@ FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ld
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
-        const __m512 p = exp2_ps<3>(_mm512_sub_ps(acc[4 * r + v], vm));
+        const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(acc[4 * r + v], vc, vm));
         sum = _mm512_add_ps(sum, p);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
       }
@@ -455,7 +478,7 @@ FMK_AVX512_BF16 void bwd_tile_t_bf16(const float* ST, const float* dPT, float c,
       __m512 ds[2];
       for (int u = 0; u < 2; ++u) {
         const int64_t j = 2 * jp + u;
-        const __m512 p = exp2_ps<3>(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * BQ + i), vc, vl));
+        const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * BQ + i), vc, vl));
         ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dPT + j * BQ + i), vd));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
@@ -512,7 +535,7 @@ FMK_AVX512_BF16 void bwd_sdp_fused_bf16(int64_t K2, const bf16* Kr, const bf16* 
 #pragma GCC unroll 2
           for (int u = 0; u < 2; ++u) {
             const int64_t j = j0 + r + u;
-            const __m512 p = exp2_ps<3>(_mm512_fmsub_ps(as[2 * (r + u) + v], vc, vl));
+            const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(as[2 * (r + u) + v], vc, vl));
             ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(ad[2 * (r + u) + v], vd));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
@@ -844,14 +867,14 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
         const bf16* ktp = Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK;
-        if (M == BQ && t.mask.full(r0, r0 + M, j0)) {
+        if (M == BQ && t.c > 0.0f && t.mask.full(r0, r0 + M, j0)) {
           qk_softmax_fused_bf16(t.Dp / 2, Q, t.Dp, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         } else {
           gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, ktp, BK, S.data(), BK, false);
           t.mask.apply(S.data(), r0, M, j0);
           softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         }
-        gemm_bf16_avx512(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
+        gemm_bf16_avx512<BK, 2>(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
                          O.data(), t.Dp, true);
       }
       reduce_rows16_avx512(lv.data(), M, l.data());
@@ -1235,11 +1258,12 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
               bf16* dk, bf16* dv, float scale) {
   struct Scratch {
     std::vector<float> ST, dPT;
-    std::vector<bf16> PT, dST, Z;
+    std::vector<bf16> PT, dST, Z;  // PT / dST: one BK x BQ block per query block of the key block
   };
-  const auto make_scratch = [] {
-    return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(BK * BQ),
-                   std::vector<bf16>(BK * BQ), std::vector<bf16>(BK * BQ)};
+  const int64_t nqb = t.Nqp / BQ;
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(nqb * BK * BQ),
+                   std::vector<bf16>(nqb * BK * BQ), std::vector<bf16>(BK * BQ)};
   };
   bwd_tasks(t, t.Nqp, dq_acc, dq, dk, dv, scale, make_scratch,
             [&](Scratch& sc, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
@@ -1248,22 +1272,28 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
     const bf16* kb_rows = Kb + (bhk * t.Nkp + j0) * t.Dp;
     const bf16* vb_rows = Vb + (bhk * t.Nkp + j0) * t.Dp;
     const bf16* krb = Kr + (bhk * t.Nkp + j0) * t.Dp;
-    for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
+    int64_t nblk = 0;
+    for (int64_t r0 = qlo; r0 < qhi; r0 += BQ, ++nblk) {
       const int64_t off = bh * t.Nqp + r0;
+      bf16* PT = sc.PT.data() + nblk * BK * BQ;
+      bf16* dST = sc.dST.data() + nblk * BK * BQ;
       if (t.mask.full(r0, std::min(r0 + BQ, t.Nq), j0)) {
         bwd_sdp_fused_bf16(t.Dp / 2, kb_rows, vb_rows, t.Dp, Qt + off * t.Dp, dOt + off * t.Dp, t.c, lse2 + off,
-                           delta + off, sc.PT.data(), sc.dST.data(), sc.Z.data());
+                           delta + off, PT, dST, sc.Z.data());
       } else {
         gemm_bf16_avx512(BK, BQ, t.Dp / 2, vb_rows, t.Dp, 2, dOt + off * t.Dp, BQ, sc.dPT.data(), BQ, false);
         gemm_bf16_avx512(BK, BQ, t.Dp / 2, kb_rows, t.Dp, 2, Qt + off * t.Dp, BQ, sc.ST.data(), BQ, false);
         t.mask.apply_t(sc.ST.data(), r0, j0);
-        bwd_tile_t_bf16(sc.ST.data(), sc.dPT.data(), t.c, lse2 + off, delta + off, sc.PT.data(), sc.dST.data(),
-                        sc.Z.data());
+        bwd_tile_t_bf16(sc.ST.data(), sc.dPT.data(), t.c, lse2 + off, delta + off, PT, dST, sc.Z.data());
       }
-      gemm_bf16_avx512(BK, t.Dp, BQ / 2, sc.PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp, dva, t.Dp, true);   // dV
-      gemm_bf16_avx512(BK, t.Dp, BQ / 2, sc.dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp, dka, t.Dp, true);   // dK
-      gemm_bf16_avx512(BQ, t.Dp, BK / 2, sc.Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
+      gemm_bf16_avx512<2, 2 * BQ>(BQ, t.Dp, BK / 2, sc.Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
     }
+    if (nblk == 0) return;
+    const int64_t off = bh * t.Nqp + qlo;
+    gemm_bf16_blocked_avx512<BQ, 2>(BK, t.Dp, BQ / 2, nblk, BK * BQ, sc.PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp,
+                                    dva, t.Dp, true);  // dV += P^T dO
+    gemm_bf16_blocked_avx512<BQ, 2>(BK, t.Dp, BQ / 2, nblk, BK * BQ, sc.dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp,
+                                    dka, t.Dp, true);  // dK += dS^T Q
   });
 }
 

@@ -1,6 +1,6 @@
 """fmkernels.linear_cross_entropy: fused linear + cross-entropy that never materializes (tokens, vocab) logits.
 
-Chunk by chunk over tokens (Liger-Kernel's scheme): logits_c = x_c @ W^T (torch/MKL matmul), then ONE kernel
+Chunk by chunk over tokens (Liger-Kernel's scheme): logits_c = x_c @ W^T (oneDNN for fp32 CPU, see ops/linear.py), then ONE kernel
 turns the chunk into its per-row loss and, in place, its gradient scale * (softmax - onehot); then
 dx_c = G_c @ W and dW += G_c^T @ x_c. The gradients are computed during the forward (inside one opaque op,
 `fmkernels::linear_cross_entropy_fwd`, so torch.compile traces around it) and scaled by the incoming gradient
@@ -24,6 +24,7 @@ from .. import _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import cross_entropy as ref
+from .linear import matmul_nt
 
 define("ce_chunk_(Tensor(a!) logits, Tensor target, float scale, int ignore_index) -> Tensor")
 
@@ -90,10 +91,10 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
             xc = x[s:e].to(cdtype)  # (C, H)
-            logits = xc @ w.t() if b is None else torch.addmm(b, xc, w.t())  # (C, V)
+            logits = matmul_nt(xc, w) if b is None else torch.addmm(b, xc, w.t())  # (C, V)
             total += run_chunk(logits, target[s:e], scale, ignore_index).sum()  # logits <- scale * dL/dlogits
             if need_x:
-                torch.mm(logits, w, out=dx[s:e])  # (C, H)
+                dx[s:e] = matmul_nt(logits, w.t())  # (C, H)
             if need_w:
                 if cdtype == torch.float32:
                     dw.addmm_(logits.t(), xc)  # (V, H)

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..nn.linear import is_dense_linear
 from ..nn.quantized import Float8Linear, Int4Linear, Int8Linear, Int8TrainingLinear, QATLinear
 from ..reference.quant import INT4_GROUP_SIZES
 
@@ -157,7 +158,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[FilterFn] = None) ->
         log.warning("quantize_(Float8Config): no CUDA parameters; fp8 layers on CPU run the reference implementation")
 
     def select(m, fqn):
-        if type(m) is not nn.Linear:  # exact class: never re-quantize our own subclasses
+        if not is_dense_linear(m):  # exact classes: never re-quantize our own subclasses
             return False
         if filter_fn is not None and not filter_fn(m, fqn):
             return False
@@ -180,7 +181,7 @@ def prepare_qat_(model: nn.Module, config, filter_fn: Optional[FilterFn] = None)
     _check_config(config, "prepare_qat_", (Int8DynamicConfig, Int4WeightOnlyConfig))
 
     def select(m, fqn):
-        if type(m) is not nn.Linear or (filter_fn is not None and not filter_fn(m, fqn)):
+        if not is_dense_linear(m) or (filter_fn is not None and not filter_fn(m, fqn)):
             return False
         why = _unsupported_reason(m, config)
         if why is not None:

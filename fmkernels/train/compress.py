@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..models import Transformer, TransformerConfig
+from ..nn.linear import is_dense_linear
 from ..models.config import ConfigError
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 
@@ -282,7 +283,7 @@ def quantize_checkpoint(path, out_dir, format: str = "int8", group_size: int = 1
         m = build_model(pre["model_config"], sd)
         fk.quantize_(m, qcfg)
         n = len(compressed_modules(m.state_dict()))
-        n_lin = n + sum(type(x) is nn.Linear for x in m.modules())
+        n_lin = n + sum(is_dense_linear(x) for x in m.modules())
         log(f"fmk quantize: {name} on {n} of {n_lin} linear layers (the others do not fit the format)")
         if n == 0:
             raise ConfigError(f"format {format!r}: no linear layer of this model fits {name} (group_size must divide "

@@ -66,12 +66,13 @@ def attach_lora(model: nn.Module, cfg) -> list[str]:
 
 def _quantize_targets(model: nn.Module, kind: str, targets: str) -> None:
     from ..nn.lora import _matches, _targets
+    from ..nn.linear import is_dense_linear
     from ..nn.quantized import Int4Linear, Int8Linear
 
     tg = _targets(targets)
     cls = Int8Linear if kind == "int8" else Int4Linear
     for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and _matches(name, tg):
+        if is_dense_linear(mod) and _matches(name, tg):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, cls.from_float(mod))

@@ -1,0 +1,124 @@
+"""fmkernels.linear: y = x W^T (+ b), differentiable, with the fp32 CPU matmuls on oneDNN's AVX-512 kernels.
+
+PyTorch's fp32 CPU matmul (nn.Linear, torch.mm) is MKL's sgemm. PyTorch also ships oneDNN, whose fp32 AVX-512
+kernels it exposes as torch.ops.mkldnn._linear_pointwise (what inductor's CPU linear lowers to). Measured on 2
+cores Zen 4 (AVX-512, no AMX; FMA peak 234 GFLOP/s), T = 2048 tokens, (K, N) in {(384, 384), (384, 1152),
+(384, 2048), (1024, 384)} (`benchmarks/bench_linear.py`):
+  y  = x W^T   oneDNN 213-217 GFLOP/s, MKL 191-197   -> oneDNN
+  dX = dY W    oneDNN 216-222 GFLOP/s, MKL 195-202   -> oneDNN
+  dW = dY^T X  oneDNN 108-194 GFLOP/s, MKL 184-195   -> MKL (torch.mm)
+Backends: "cpu" (fp32 CPU tensors outside autocast; under CPU autocast F.linear already runs oneDNN's bf16
+kernels), "reference" (F.linear: every other case, and the fallback when oneDNN is missing).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
+
+__all__ = ["linear", "matmul_nt"]
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_missing() -> Optional[str]:
+    """Why oneDNN's fp32 linear cannot be used here (None when it can): checked once with a tiny probe."""
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+    except Exception as e:  # op renamed or removed in a later PyTorch
+        return f"torch.ops.mkldnn._linear_pointwise is not usable ({type(e).__name__}: {e})"
+    if tuple(y.shape) != (2, 4) or not bool((y == 3.0).all()):
+        return "torch.ops.mkldnn._linear_pointwise failed its probe (wrong result)"
+    return None
+
+
+def _use_onednn(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and onednn_missing() is None)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for 2-D a (M, K) and b (N, K): oneDNN for fp32 CPU tensors (see the module docstring), else torch."""
+    if _use_onednn(a) and b.dtype == torch.float32 and b.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.t()
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """x (..., K), weight (N, K), bias (N,) or None -> (..., N); fp32 CPU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # dX = dY W: oneDNN (a @ b.T with b = W^T)
+            dx = torch.ops.mkldnn._linear_pointwise(g2, weight.t(), None, "none", [], "").view(x.shape)
+        if ctx.needs_input_grad[1]:  # dW = dY^T X: MKL measured faster
+            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db
+
+
+def _cpu(x, weight, bias):
+    return _OneDnnLinear.apply(x, weight, bias)
+
+
+def _reference(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _cpu_reason(q: _dispatch.Query) -> Optional[str]:
+    if dict(q.extra).get("autocast"):
+        return "under CPU autocast F.linear already runs oneDNN's bf16 kernels"
+    return onednn_missing()
+
+
+OP = _dispatch.op("linear")
+OP.register(_dispatch.Backend("cpu", _cpu, devices=("cpu",), dtypes=(torch.float32,), check=_cpu_reason))
+OP.register(_dispatch.Backend("reference", _reference, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+           backend: Optional[str] = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, as torch.nn.functional.linear (same shapes and autograd).
+
+    x: (..., K); weight: (N, K); bias: (N,) or None; all the same dtype and device. fp32 CPU calls run the
+    forward and dX products on oneDNN and dW on MKL (measured fastest, see the module docstring).
+    backend: "cpu" | "reference" forces one (default: the fastest that fits; FMK_BACKEND).
+    """
+    op = "fmkernels.linear"
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1, op=op)
+    # Under autocast x and the weight may differ in dtype (autocast casts both); otherwise they must match.
+    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES if autocast else (x.dtype,), ndim=2, op=op)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must be (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES if autocast else (x.dtype,), ndim=1, op=op)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_same_device(op, x=x, weight=weight, bias=bias)
+    else:
+        check_same_device(op, x=x, weight=weight)
+    if torch.compiler.is_compiling():  # the compiler picks its own linear kernels (inductor lowers to oneDNN/MKL)
+        return F.linear(x, weight, bias)
+    q = _dispatch.Query(device=x.device.type, dtype=x.dtype, shape=tuple(weight.shape),
+                        extra=(("autocast", autocast),))
+    return OP.select(q, backend).fn(x, weight, bias)

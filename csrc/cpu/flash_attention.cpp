@@ -354,53 +354,60 @@ FMK_AVX512_BF16 void gemm_bf16_avx512(int64_t M, int64_t N, int64_t K2, const bf
   gemm_bf16_blocked_avx512<LDA, LPA>(M, N, K2, 1, 0, A, lda, lpa, Bp, ldb, C, ldc, accumulate);
 }
 
-// Forward tile (bf16 path): online-softmax update of rows [0, M) of S (BK wide), rescale the output rows, and
-// write P in bf16 (row-major, BK wide) for the P V product. Row sums stay 16-lane vectors (lv, M x 16) until
-// the end, and the tile max is reduced only when some lane exceeds the running max by kRescale (rare after the
-// first tile): the two horizontal reductions per row and tile were ~1/3 of this function's time.
+// One BK = 64 score row of the bf16 forward: online-softmax update of the running max m and the 16-lane row sum
+// lv, the row of P out in bf16 (p), and the output row o rescaled when m moved. Row sums stay 16-lane vectors
+// until the end, and the row max is reduced only when some lane exceeds m by kRescale (lazy rescaling, rare
+// after the first tile): the two horizontal reductions per row and tile were ~1/3 of the tile's softmax time.
+// t: the row's 4 vectors in log2 units (RAW = false), or raw Q K^T scores (RAW = true, needs c > 0 so that
+// max(s) * c == max(s * c)), whose scale then folds into one fmsub per vector.
+template <bool RAW>
+FMK_AVX512_BF16 __attribute__((always_inline)) static inline void softmax_row_bf16(const __m512* t, __m512 vc, float* m,
+                                                                                float* lv, float* o, int64_t Dp,
+                                                                                bf16* p) {
+  static_assert(BK == 64, "four vectors per score row");
+  __m512 mx = _mm512_max_ps(_mm512_max_ps(t[0], t[1]), _mm512_max_ps(t[2], t[3]));
+  if constexpr (RAW) mx = _mm512_mul_ps(mx, vc);
+  float alpha = 1.0f;
+  // *m == -inf: m + kRescale is -inf and any finite lane triggers; all lanes -inf: nothing visible yet.
+  if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(*m + kRescale), _CMP_GT_OQ) != 0) {
+    const float tile_max = _mm512_reduce_max_ps(mx);
+    alpha = std::exp2(*m - tile_max);  // 0 when *m == -inf
+    *m = tile_max;
+  } else if (*m == kNegInf) {
+    std::fill(p, p + BK, bf16(0.0f));
+    return;
+  }
+  const __m512 vm = _mm512_set1_ps(*m);
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    const __m512 e = exp2_bf16_ps(RAW ? _mm512_fmsub_ps(t[v], vc, vm) : _mm512_sub_ps(t[v], vm));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * v), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (alpha != 1.0f) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    _mm512_storeu_ps(lv, _mm512_fmadd_ps(_mm512_loadu_ps(lv), va, sum));
+    for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
+  } else {
+    _mm512_storeu_ps(lv, _mm512_add_ps(_mm512_loadu_ps(lv), sum));
+  }
+}
+
+// Forward tile (bf16 path, masked or partial tiles): softmax_row_bf16 on rows [0, M) of S (BK wide, -inf on
+// masked pairs), P in bf16 (row-major, BK wide) for the P V product.
 FMK_AVX512_BF16 void softmax_tile_bf16(float* S, int64_t M, float c, float* m, float* lv, float* O, int64_t Dp,
                                        bf16* P) {
   const __m512 vc = _mm512_set1_ps(c);
   for (int64_t i = 0; i < M; ++i) {
-    float* s = S + i * BK;
     __m512 t[BK / 16];
-    __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int v = 0; v < BK / 16; ++v) {
-      t[v] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), vc);
-      mx = _mm512_max_ps(mx, t[v]);
-    }
-    float alpha = 1.0f;
-    // m[i] == -inf: m + kRescale is -inf and any finite lane triggers; all lanes -inf: nothing visible yet.
-    if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[i] + kRescale), _CMP_GT_OQ) != 0) {  // lazy rescaling
-      const float tile_max = _mm512_reduce_max_ps(mx);
-      alpha = std::exp2(m[i] - tile_max);  // 0 when m[i] == -inf
-      m[i] = tile_max;
-    } else if (m[i] == kNegInf) {
-      std::fill(P + i * BK, P + (i + 1) * BK, bf16(0.0f));
-      continue;
-    }
-    const __m512 vm = _mm512_set1_ps(m[i]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int v = 0; v < BK / 16; ++v) {
-      const __m512 p = exp2_bf16_ps(_mm512_sub_ps(t[v], vm));
-      sum = _mm512_add_ps(sum, p);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
-    }
-    float* l = lv + 16 * i;
-    if (alpha != 1.0f) {
-      const __m512 va = _mm512_set1_ps(alpha);
-      _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), va, sum));
-      float* o = O + i * Dp;
-      for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
-    } else {
-      _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
-    }
+    for (int v = 0; v < BK / 16; ++v) t[v] = _mm512_mul_ps(_mm512_loadu_ps(S + i * BK + 16 * v), vc);
+    softmax_row_bf16<false>(t, vc, m + i, lv + 16 * i, O + i * Dp, Dp, P + i * BK);
   }
 }
 
-// Q K^T fused with softmax_tile_bf16 for full tiles (BQ rows, no masked pairs) and c > 0: 4-row x 64-key
-// accumulator blocks (a whole score row in registers) go straight to P (bf16), the row sums lv and the lazy
-// rescale of O.
+// Q K^T fused with the softmax for full tiles (BQ rows, no masked pairs) and c > 0: 4-row x 64-key accumulator
+// blocks (a whole score row in registers) go straight to softmax_row_bf16 (raw scores).
 FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ldq, const bf16* Ktp, float c, float* m,
                                            float* lv, float* O, int64_t Dp, bf16* P) {
   static_assert(BK == 64, "one 4 x 64 register block per row group");
@@ -426,34 +433,7 @@ FMK_AVX512_BF16 void qk_softmax_fused_bf16(int64_t K2, const bf16* Q, int64_t ld
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t i = i0 + r;
-      // c > 0 (the caller checks), so max(acc) * c == max(acc * c): the scale folds into the fmsub below.
-      __m512 mx = acc[4 * r];
-#pragma GCC unroll 4
-      for (int v = 1; v < 4; ++v) mx = _mm512_max_ps(mx, acc[4 * r + v]);
-      mx = _mm512_mul_ps(mx, vc);
-      float alpha = 1.0f;
-      if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[i] + kRescale), _CMP_GT_OQ) != 0) {  // as softmax_tile_bf16
-        const float tile_max = _mm512_reduce_max_ps(mx);
-        alpha = std::exp2(m[i] - tile_max);
-        m[i] = tile_max;
-      }
-      const __m512 vm = _mm512_set1_ps(m[i]);
-      __m512 sum = _mm512_setzero_ps();
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) {
-        const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(acc[4 * r + v], vc, vm));
-        sum = _mm512_add_ps(sum, p);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * BK + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
-      }
-      float* l = lv + 16 * i;
-      if (alpha != 1.0f) {
-        const __m512 va = _mm512_set1_ps(alpha);
-        _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), va, sum));
-        float* o = O + i * Dp;
-        for (int64_t j = 0; j < Dp; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), va));
-      } else {
-        _mm512_storeu_ps(l, _mm512_add_ps(_mm512_loadu_ps(l), sum));
-      }
+      softmax_row_bf16<true>(acc + 4 * r, vc, m + i, lv + 16 * i, O + i * Dp, Dp, P + i * BK);
     }
   }
 }
@@ -463,29 +443,41 @@ FMK_AVX512 void reduce_rows16_avx512(const float* lv, int64_t M, float* l) {
   for (int64_t i = 0; i < M; ++i) l[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + 16 * i));
 }
 
-// Backward tile, transposed (rows = BK keys, columns = BQ queries): P^T = 2^(S^T c - lse2[col]),
-// dS^T = P^T (dP^T - delta[col]). Writes P^T and dS^T in bf16 (BK x BQ, row-major) and dS as an A operand
-// for dS K: Z[jp][i] = (dS^T[2jp][i], dS^T[2jp+1][i]) (pairs over keys, row i at stride 2, pair at 2*BQ).
+// Two keys (rows j, j + 1 = 2 jp, 2 jp + 1) x 16 queries (columns i..i+15) of the transposed backward tile:
+// P^T = 2^(S^T c - lse2), dS^T = P^T (dP^T - delta) from the fp32 scores s0/s1 and dP^T values d0/d1 (vl, vd:
+// the 16 columns' lse2 and delta). Writes P^T and dS^T in bf16 (BK x BQ, row-major) and dS as an A operand for
+// dS K: Z[jp][i] = (dS^T[2jp][i], dS^T[2jp+1][i]) (pairs over keys, row i at stride 2, pair at 2*BQ).
+FMK_AVX512_BF16 __attribute__((always_inline)) static inline void bwd_key_pair_bf16(
+    __m512 s0, __m512 s1, __m512 d0, __m512 d1, __m512 vc, __m512 vl, __m512 vd, int64_t jp, int64_t i, bf16* PT,
+    bf16* dST, bf16* Z) {
+  alignas(64) static const int16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512 s[2] = {s0, s1}, d[2] = {d0, d1};
+  __m512 ds[2];
+#pragma GCC unroll 2
+  for (int u = 0; u < 2; ++u) {
+    const int64_t j = 2 * jp + u;
+    const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(s[u], vc, vl));
+    ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(d[u], vd));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
+  }
+  // cvtne2ps(b, a): lanes 0-15 = a, 16-31 = b; interleave to (a0, b0, a1, b1, ...).
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);
+  _mm512_storeu_si512(Z + jp * 2 * BQ + 2 * i, _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both));
+}
+
+// Backward tile, transposed (rows = BK keys, columns = BQ queries), from S^T and dP^T in memory (masked tiles):
+// bwd_key_pair_bf16 over the whole tile.
 FMK_AVX512_BF16 void bwd_tile_t_bf16(const float* ST, const float* dPT, float c, const float* lse2,
                                      const float* delta, bf16* PT, bf16* dST, bf16* Z) {
   const __m512 vc = _mm512_set1_ps(c);
-  alignas(64) static const int16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kInterleave);
   for (int64_t jp = 0; jp < BK / 2; ++jp) {
     for (int64_t i = 0; i < BQ; i += 16) {
-      const __m512 vl = _mm512_loadu_ps(lse2 + i), vd = _mm512_loadu_ps(delta + i);
-      __m512 ds[2];
-      for (int u = 0; u < 2; ++u) {
-        const int64_t j = 2 * jp + u;
-        const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * BQ + i), vc, vl));
-        ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dPT + j * BQ + i), vd));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
-      }
-      // cvtne2ps(b, a): lanes 0-15 = a, 16-31 = b; interleave to (a0, b0, a1, b1, ...).
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);
-      _mm512_storeu_si512(Z + jp * 2 * BQ + 2 * i, _mm512_permutexvar_epi16(idx, both));
+      const float* s = ST + 2 * jp * BQ + i;
+      const float* d = dPT + 2 * jp * BQ + i;
+      bwd_key_pair_bf16(_mm512_loadu_ps(s), _mm512_loadu_ps(s + BQ), _mm512_loadu_ps(d), _mm512_loadu_ps(d + BQ), vc,
+                        _mm512_loadu_ps(lse2 + i), _mm512_loadu_ps(delta + i), jp, i, PT, dST, Z);
     }
   }
 }
@@ -497,8 +489,6 @@ FMK_AVX512_BF16 void bwd_tile_t_bf16(const float* ST, const float* dPT, float c,
 FMK_AVX512_BF16 void bwd_sdp_fused_bf16(int64_t K2, const bf16* Kr, const bf16* Vr, int64_t ldk, const bf16* Qt,
                                         const bf16* dOt, float c, const float* lse2, const float* delta, bf16* PT,
                                         bf16* dST, bf16* Z) {
-  alignas(64) static const int16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512 vc = _mm512_set1_ps(c);
   for (int64_t j0 = 0; j0 < BK; j0 += 4) {
     for (int64_t i0 = 0; i0 < BQ; i0 += 32) {
@@ -524,25 +514,14 @@ FMK_AVX512_BF16 void bwd_sdp_fused_bf16(int64_t K2, const bf16* Kr, const bf16* 
           ad[2 * r + 1] = _mm512_dpbf16_ps(ad[2 * r + 1], av, o1);
         }
       }
-      const __m512i idx = _mm512_load_si512(kInterleave);
 #pragma GCC unroll 2
       for (int v = 0; v < 2; ++v) {
         const int64_t i = i0 + 16 * v;
         const __m512 vl = _mm512_loadu_ps(lse2 + i), vd = _mm512_loadu_ps(delta + i);
 #pragma GCC unroll 2
-        for (int r = 0; r < 4; r += 2) {
-          __m512 ds[2];
-#pragma GCC unroll 2
-          for (int u = 0; u < 2; ++u) {
-            const int64_t j = j0 + r + u;
-            const __m512 p = exp2_bf16_ps(_mm512_fmsub_ps(as[2 * (r + u) + v], vc, vl));
-            ds[u] = _mm512_mul_ps(p, _mm512_sub_ps(ad[2 * (r + u) + v], vd));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(PT + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dST + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(ds[u]));
-          }
-          const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);
-          _mm512_storeu_si512(Z + ((j0 + r) / 2) * 2 * BQ + 2 * i, _mm512_permutexvar_epi16(idx, both));
-        }
+        for (int r = 0; r < 4; r += 2)
+          bwd_key_pair_bf16(as[2 * r + v], as[2 * (r + 1) + v], ad[2 * r + v], ad[2 * (r + 1) + v], vc, vl, vd,
+                            (j0 + r) / 2, i, PT, dST, Z);
       }
     }
   }

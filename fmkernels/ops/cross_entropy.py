@@ -1,11 +1,11 @@
 """fmkernels.linear_cross_entropy: fused linear + cross-entropy that never materializes (tokens, vocab) logits.
 
-Chunk by chunk over tokens (Liger-Kernel's scheme): logits_c = x_c @ W^T (oneDNN for fp32 CPU, see ops/linear.py), then ONE kernel
-turns the chunk into its per-row loss and, in place, its gradient scale * (softmax - onehot); then
-dx_c = G_c @ W and dW += G_c^T @ x_c. The gradients are computed during the forward (inside one opaque op,
-`fmkernels::linear_cross_entropy_fwd`, so torch.compile traces around it) and scaled by the incoming gradient
-in the backward, so peak extra memory is one (chunk, vocab) buffer plus dW (the size of
-the weight's gradient anyway) instead of several (tokens, vocab) tensors.
+Chunk by chunk over tokens (Liger-Kernel's scheme): logits_c = x_c @ W^T (oneDNN for fp32 CPU, see
+ops/linear.py; torch elsewhere), then ONE kernel turns the chunk into its per-row loss and, in place, its
+gradient scale * (softmax - onehot); then dx_c = G_c @ W and dW += G_c^T @ x_c. The gradients are computed
+during the forward (inside one opaque op, `fmkernels::linear_cross_entropy_fwd`, so torch.compile traces around
+it) and scaled by the incoming gradient in the backward, so peak extra memory is one (chunk, vocab) buffer plus
+dW (the size of the weight's gradient anyway) instead of several (tokens, vocab) tensors.
 
 Schema of the chunk kernel (defined once, here):
   fmkernels::ce_chunk_(Tensor(a!) logits, Tensor target, float scale, int ignore_index) -> Tensor loss_rows
@@ -94,7 +94,7 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
             logits = matmul_nt(xc, w) if b is None else torch.addmm(b, xc, w.t())  # (C, V)
             total += run_chunk(logits, target[s:e], scale, ignore_index).sum()  # logits <- scale * dL/dlogits
             if need_x:
-                dx[s:e] = matmul_nt(logits, w.t())  # (C, H)
+                matmul_nt(logits, w.t(), out=dx[s:e])  # (C, H)
             if need_w:
                 if cdtype == torch.float32:
                     dw.addmm_(logits.t(), xc)  # (V, H)

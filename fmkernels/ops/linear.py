@@ -43,11 +43,18 @@ def _use_onednn(t: torch.Tensor) -> bool:
             and onednn_missing() is None)
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T for 2-D a (M, K) and b (N, K): oneDNN for fp32 CPU tensors (see the module docstring), else torch."""
+def _onednn_nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b.T (+ bias) on oneDNN; a (M, K), b (N, K), fp32 CPU (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b.T for 2-D a (M, K) and b (N, K), into `out` when given: oneDNN for fp32 CPU tensors (see the module
+    docstring; oneDNN has no out= form, so its result is copied into out), else torch.mm."""
     if _use_onednn(a) and b.dtype == torch.float32 and b.device.type == "cpu":
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.t()
+        y = _onednn_nt(a, b)
+        return y if out is None else out.copy_(y)
+    return torch.mm(a, b.t(), out=out) if out is not None else a @ b.t()
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -56,7 +63,7 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        y = _onednn_nt(x2, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -67,7 +74,7 @@ class _OneDnnLinear(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dX = dY W: oneDNN (a @ b.T with b = W^T)
-            dx = torch.ops.mkldnn._linear_pointwise(g2, weight.t(), None, "none", [], "").view(x.shape)
+            dx = _onednn_nt(g2, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:  # dW = dY^T X: MKL measured faster
             dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -113,3 +113,40 @@ class TestBadInput:
     def test_rank(self):
         with pytest.raises(ValueError, match="q must be 4-D"):
             fk.rope(torch.ones(2, 1, 8), torch.ones(1, 2, 1, 8), torch.ones(2, 4), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 40), (1, 33, 3, 1, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_rope_qkv_packed_gradient(backend, dtype, shape):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is wrong under TRITON_INTERPRET")
+    B, N, Hq, Hk, D = shape
+    cos, sin = rope_cos_sin(N, D)
+    qkv0 = T.randn(B, N, Hq + 2 * Hk, D, dtype=dtype, seed=N)
+    leaves = {n: qkv0.detach().clone().requires_grad_(True) for n in ("ref", "base", "out")}
+
+    def split(t):
+        return t[:, :, :Hq], t[:, :, Hq : Hq + Hk], t[:, :, Hq + Hk :]
+
+    rq, rk = rope_ref(*[t.float() for t in split(leaves["ref"])[:2]], cos, sin)
+    rv = split(leaves["ref"])[2].float()
+    bq, bk = _baseline(*split(leaves["base"])[:2], cos, sin)
+    bv = split(leaves["base"])[2]
+    oq, ok, ov = fk.rope_qkv(leaves["out"], Hq, cos, sin, backend=backend)
+    assert oq.shape == (B, N, Hq, D) and ok.shape == ov.shape == (B, N, Hk, D) and ov.dtype == dtype
+    T.assert_close_to_reference(oq, rq, bq, name=f"{backend} q")
+    T.assert_close_to_reference(ok, rk, bk, name=f"{backend} k")
+    assert torch.equal(ov, split(qkv0)[2])
+    g = [T.randn(*t.shape, seed=5 + i) for i, t in enumerate((oq, ok, ov))]
+    torch.autograd.backward((rq, rk, rv), g)
+    torch.autograd.backward((bq, bk, bv), [x.to(dtype) for x in g])
+    torch.autograd.backward((oq, ok, ov), [x.to(dtype) for x in g])
+    T.assert_close_to_reference(leaves["out"].grad, leaves["ref"].grad, leaves["base"].grad,
+                                name=f"{backend} d(qkv)", dtype=dtype)
+
+
+def test_rope_qkv_bad_heads():
+    cos, sin = rope_cos_sin(4, 8)
+    with pytest.raises(ValueError, match="n_q_heads"):
+        fk.rope_qkv(T.randn(1, 4, 5, 8), 2, cos, sin)  # 3 remaining heads cannot split into k and v

@@ -95,8 +95,7 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         Hq, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, N, Hq + 2 * Hk, D)  # (B, N, Hq + 2Hk, D)
-        q, k = ops.rope(qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hk], cos, sin)  # (B, N, H, D) contiguous
-        v = qkv[:, :, Hq + Hk :]
+        q, k, v = ops.rope_qkv(qkv, Hq, cos, sin)  # q, k rotated (B, N, H, D) contiguous; v a view of qkv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hk, length + N, D)

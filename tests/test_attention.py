@@ -147,6 +147,25 @@ def test_noncontiguous_and_scale(backend, dtype):
     _check(backend, 2, 4, 2, n, n, 16 if backend == "triton" else 48, dtype, causal=True, noncontig=True, scale=0.3)
 
 
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_noncontiguous_whole_blocks(backend, causal):
+    # N a multiple of the CPU kernel's 64-key blocks and D of 16: the fp32 path reads q, k, v in place
+    _check(backend, 2, 4, 2, 128, 128, 64, torch.float32, causal=causal, noncontig=True)
+
+
+def test_strided_grad_out_matches_contiguous():
+    q, k, v = [T.randn(2, 128, 4, 64, seed=i).transpose(1, 2).requires_grad_(True) for i in range(3)]
+    g = T.randn(2, 4, 128, 64, seed=9)
+    g_strided = g.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, N, H, D) storage
+    grads = []
+    for gg in (g, g_strided):
+        out = fk.flash_attention(q, k, v, causal=True)
+        grads.append(torch.autograd.grad(out, (q, k, v), gg))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_default_scale_and_return_lse_flag():
     q, k, v = (T.randn(1, 2, 9, 32, seed=s) for s in range(3))
     out = fk.flash_attention(q, k, v)

@@ -49,9 +49,17 @@ def setup_distributed(mode: str) -> DistInfo:
     return DistInfo(dist.get_world_size(), dist.get_rank(), local, mode)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(sync: bool = True) -> None:
+    """Destroy the process group. sync (a normal finish): wait for every rank first. Rank 0 writes the summary,
+    plot and sample after the last collective; without the barrier the other ranks tore the group down and
+    exited meanwhile, and a gloo thread of one of them once aborted it at exit ("terminate called without an
+    active exception", FSDP resume test). After an error, no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sync:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def apply_transforms(model: nn.Module, int8_training: bool, sparsity: Optional[str]) -> None:

@@ -628,6 +628,9 @@ class _null:
 def train(cfg: TrainConfig, log=None) -> dict:
     t = Trainer(cfg, log=log)
     try:
-        return t.run()
-    finally:
-        teardown_distributed()
+        summary = t.run()
+    except BaseException:
+        teardown_distributed(sync=False)
+        raise
+    teardown_distributed()
+    return summary

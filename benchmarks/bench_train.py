@@ -11,6 +11,9 @@ steps minus RSS before the first step (activations + gradients + optimizer state
     .venv/bin/python benchmarks/bench_train.py --vocabs 8192 --dtypes fp32,int8   # one vocab, two modes
 dtype int8 = the trainer's `--int8_training true` switch (fmkernels.Int8TrainingConfig) on the fmkernels model,
 against the plain model in fp32 (a precision change, reported as its own row, not as fp32).
+Allocator: both models share the process, so both get the setting `fmk train` uses on CPU,
+fmkernels.tune_cpu_allocator() (glibc keeps freed activations instead of page-faulting them back every step;
+see fmkernels/allocator.py). `--allocator default` measures stock glibc malloc instead.
 Writes bench-results/bench_train.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -175,10 +178,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of each point")
+    p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                   help="tuned: fmkernels.tune_cpu_allocator() for the whole process (both models), as fmk train does")
     p.add_argument("--out", default="bench-results/bench_train.json")
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: run one point, print JSON
     a = p.parse_args(argv)
     steps = a.steps or (3 if a.quick else 6)
+    if a.allocator == "tuned":
+        from fmkernels.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if a.point:
         impl, dtype, vocab = a.point.split(",")
         r = run_point(impl, dtype, int(vocab), a.dim, a.layers, a.heads, a.batch, a.seq, steps)
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
                 for impl in ("fmkernels", "plain"):
                     cmd = [sys.executable, __file__, "--point", f"{impl},{dtype},{vocab}", "--steps", "1",
                            "--dim", str(a.dim), "--layers", str(a.layers), "--heads", str(a.heads),
-                           "--batch", str(a.batch), "--seq", str(a.seq)]
+                           "--batch", str(a.batch), "--seq", str(a.seq), "--allocator", a.allocator]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                     r = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
                     results.append(r)
@@ -208,7 +217,8 @@ def main(argv=None) -> int:
         k = (r["vocab"], r["dtype"], r["impl"])
         agg.setdefault(k, []).append(r)
     print(f"\nTraining step, d{a.dim} x {a.layers} layers, batch {a.batch} x seq {a.seq} "
-          f"({torch.get_num_threads()} threads), fused AdamW, median of {steps} alternating steps\n")
+          f"({torch.get_num_threads()} threads), fused AdamW, median of {steps} alternating steps, "
+          f"{a.allocator} allocator\n")
     print("| vocab | dtype | fmkernels tok/s | plain tok/s | speedup | fmk peak MB | plain peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []

@@ -20,6 +20,7 @@ _ext.cuda_ext()
 
 from . import nn  # noqa: E402
 from ._info import info  # noqa: E402
+from .allocator import tune_cpu_allocator  # noqa: E402
 from .ops import *  # noqa: E402,F401,F403
 
 # Public names that live in workflow subpackages: name -> module, imported on first access.
@@ -60,4 +61,4 @@ def __getattr__(name):
     return mod if mod_name.endswith("." + name) else getattr(mod, name)
 
 
-__all__ = ["__version__", "BackendError", "info", "nn", "ops", *ops.__all__]
+__all__ = ["__version__", "BackendError", "info", "nn", "ops", "tune_cpu_allocator", *ops.__all__]

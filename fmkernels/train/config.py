@@ -60,6 +60,7 @@ class TrainConfig:
     int8_training: bool = False  # fmkernels.quantize_(model, Int8TrainingConfig()) when available
     sparsity: Optional[str] = None  # e.g. "2:4": fmkernels.sparsify_(model, SemiStructuredConfig()) when available
     threads: Optional[int] = None
+    tune_allocator: bool = True  # CPU: fmkernels.tune_cpu_allocator() (no page faults on reused activations)
     # ---- fine-tuning (fmk finetune --from CHECKPOINT sets init_from; see fmkernels/train/finetune.py)
     init_from: Optional[str] = None  # a checkpoint (or run directory): its weights, architecture and tokenizer
     freeze_embeddings: bool = False  # freeze tok_emb (and so the tied head)

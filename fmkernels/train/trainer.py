@@ -97,6 +97,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu")
+        if cfg.tune_allocator and self.device.type == "cpu":
+            from ..allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()
         self.dtype = cfg.resolved_dtype()
 
     # ------------------------------------------------------------------ helpers

@@ -676,7 +676,9 @@ Rows<float> rows_f32(const at::Tensor& x, int64_t Np, int64_t Dp, at::Tensor& ke
 at::Tensor padded_bf16(const at::Tensor& x, int64_t Np, int64_t Dp) {
   const int64_t N = x.size(2), D = x.size(3);
   if (x.scalar_type() == at::kBFloat16 && x.is_contiguous() && N == Np && D == Dp) return x;
-  at::Tensor out = at::zeros({x.size(0), x.size(1), Np, Dp}, x.options().dtype(at::kBFloat16));
+  // zero fill only when there is padding (7 needless fills per layer cost 3.7 ms of a 550 ms bf16 train step)
+  at::Tensor out = (N == Np && D == Dp) ? at::empty({x.size(0), x.size(1), Np, Dp}, x.options().dtype(at::kBFloat16))
+                                        : at::zeros({x.size(0), x.size(1), Np, Dp}, x.options().dtype(at::kBFloat16));
   out.narrow(2, 0, N).narrow(3, 0, D).copy_(x);
   return out;
 }

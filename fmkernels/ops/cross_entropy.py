@@ -50,16 +50,16 @@ def _ce_reference(logits, target, scale, ignore_index):
     return loss
 
 
-# Rows per chunk: about 4M logits per chunk (16 MB fp32), at least 256 rows (matmul efficiency, and fewer
-# (V, H) dW updates: in bf16 each chunk's dW product is a (V, H) fp32 temporary), at most T.
-# Under 32 MiB on purpose: glibc mmaps blocks of 32 MiB and more and unmaps them on free, so a 32 MiB chunk
-# was page-faulted in on every call. T 2048, H 384, V 8192, fp32 fwd+bwd: 1024 rows (32 MiB) 223 ms,
-# 512 rows 211 ms, 256 rows 207 ms.
-_CHUNK_ELEMS = 4 * 1024 * 1024
+# Rows per chunk: about 16 MiB of logits per chunk (4M fp32 / 8M bf16 logits), at least 256 rows (matmul
+# efficiency, and fewer (V, H) dW updates: in bf16 each chunk's dW product is a (V, H) temporary converted to
+# fp32 and added), at most T. Under 32 MiB on purpose: glibc mmaps blocks of 32 MiB and more and unmaps them on
+# free, so a 32 MiB chunk was page-faulted in on every call. T 2048, H 384, V 8192, fp32 fwd+bwd: 1024 rows
+# (32 MiB) 223 ms, 512 rows 211 ms, 256 rows 207 ms.
+_CHUNK_BYTES = 16 * 1024 * 1024
 
 
-def default_chunk_size(tokens: int, vocab: int) -> int:
-    return max(1, min(tokens, max(256, _CHUNK_ELEMS // max(vocab, 1))))
+def default_chunk_size(tokens: int, vocab: int, itemsize: int = 4) -> int:
+    return max(1, min(tokens, max(256, _CHUNK_BYTES // (itemsize * max(vocab, 1)))))
 
 
 # The whole chunk loop is one opaque op, so torch.compile traces the model around it (fullgraph works) and
@@ -88,7 +88,8 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
         w = weight.to(cdtype)
         b = bias.to(cdtype) if bias is not None else None
         dx = torch.empty((T, H), dtype=cdtype, device=x.device) if need_x else empty
-        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device) if need_w else empty
+        # fp32: accumulated in place from zero; lower precision: the first chunk's product becomes dw
+        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device) if need_w and cdtype == torch.float32 else empty
         db = torch.zeros((V,), dtype=torch.float32, device=x.device) if need_b else empty
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, T, chunk):
@@ -101,10 +102,14 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
             if need_w:
                 if cdtype == torch.float32:
                     dw.addmm_(logits.t(), xc)  # (V, H)
+                elif s == 0:
+                    dw = (logits.t() @ xc).float()
                 else:
                     dw += (logits.t() @ xc).float()
             if need_b:
                 db += logits.float().sum(0)
+        if need_w and T == 0 and cdtype != torch.float32:
+            dw = torch.zeros((V, H), dtype=torch.float32, device=x.device)
     return total * scale, dx, dw, db
 
 
@@ -173,7 +178,7 @@ def linear_cross_entropy(
     x: (..., H) float32/bfloat16/float16; weight: (V, H); bias: (V,) or None; target: (...) int64 class ids
     (ignore_index skipped). reduction: "mean" (over non-ignored tokens) or "sum". Returns a 0-d fp32 loss,
     differentiable in x, weight and bias. Under torch.autocast the matmuls run in the autocast dtype (the
-    softmax always in fp32). chunk_size: tokens per chunk (default: about 4M logits per chunk, at least 256 tokens).
+    softmax always in fp32). chunk_size: tokens per chunk (default: about 16 MiB of logits per chunk, at least 256 tokens).
     backend: "cpu" | "triton" | "reference" forces the chunk kernel (default: fastest that fits; FMK_BACKEND).
     """
     op = "fmkernels.linear_cross_entropy"
@@ -195,12 +200,12 @@ def linear_cross_entropy(
     x2 = x.reshape(-1, H)
     t2 = target.reshape(-1).contiguous()
     T, V = x2.shape[0], weight.shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(T, V)
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     dev = x.device.type
     cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if chunk_size is None:
+        chunk_size = default_chunk_size(T, V, torch.empty((), dtype=cdtype).element_size())
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     q = _dispatch.Query(device=dev, dtype=cdtype, shape=(V,))
     impl = OP.select(q, backend)
     return impl.fn(x2, weight, bias, t2, int(ignore_index), reduction, int(chunk_size), cdtype)

@@ -5,7 +5,7 @@ from torch import nn
 
 import fmkernels as fk
 from fmkernels import testing as T
-from fmkernels.ops.linear import matmul_nt, onednn_missing
+from fmkernels.ops.linear import matmul_nt, matmul_tn, onednn_missing
 
 BACKENDS = T.available_backends("linear", "cpu")
 
@@ -103,3 +103,54 @@ def test_linear_under_autocast_mixed_dtypes():
         y = fk.linear(x, w)
         z = fk.nn.Linear(6, 3)(y)
     assert y.dtype == z.dtype == torch.bfloat16
+
+
+# a (T, N), b (T, K) -> a.T b: tails in every direction (N % 12, K % 32 and % 16), one row, empty reduction.
+TN_SHAPES = [(1, 1, 1), (5, 13, 17), (64, 12, 32), (97, 37, 45), (200, 25, 70), (384, 100, 48), (1, 30, 100),
+             (193, 12, 16), (0, 7, 9), (300, 14, 300), (64, 5, 200)]  # K > 256: column blocks; N < 12: k split
+
+
+@pytest.mark.parametrize("Tn,N,K", TN_SHAPES)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_matmul_tn_matches_reference(Tn, N, K, accumulate):
+    a, b = T.randn(Tn, N, seed=Tn + N), T.randn(Tn, K, seed=K)
+    init = T.randn(N, K, seed=5)
+    out = matmul_tn(a, b, out=init.clone(), accumulate=accumulate)
+    ref = a.double().t() @ b.double() + (init.double() if accumulate else 0)
+    base = a.t() @ b + (init if accumulate else 0)
+    T.assert_close_to_reference(out, ref, base, name="matmul_tn")
+    if not accumulate:
+        T.assert_close_to_reference(matmul_tn(a, b), ref, base, name="matmul_tn (new out)")
+
+
+def test_matmul_tn_strided_rows_and_out():
+    wide_a, wide_b = T.randn(150, 70, seed=1), T.randn(150, 90, seed=2)
+    a, b = wide_a[:, 3:40], wide_b[:, 5:66]  # row strides 70 and 90, unit last stride
+    out_wide = torch.full((37, 100), 7.0)
+    out = out_wide[:, 10:71]
+    matmul_tn(a, b, out=out)
+    ref = a.double().t() @ b.double()
+    T.assert_close_to_reference(out, ref, a.t() @ b, name="strided matmul_tn")
+    assert (out_wide[:, :10] == 7.0).all() and (out_wide[:, 71:] == 7.0).all()  # nothing written outside out
+
+
+def test_matmul_tn_other_dtypes_and_layouts_fall_back():
+    a, b = T.randn(33, 20, seed=1), T.randn(33, 24, seed=2)
+    ref = a.double().t() @ b.double()
+    T.assert_close_to_reference(matmul_tn(a.t().contiguous().t(), b), ref, a.t() @ b, name="column-major a")
+    out = matmul_tn(a.bfloat16(), b.bfloat16())
+    assert out.dtype == torch.bfloat16
+    T.assert_close_to_reference(out, ref, a.bfloat16().t() @ b.bfloat16(), name="bf16", dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(not fk._ext.has_cpu_ext(), reason="needs the CPU extension")
+def test_mm_tn_op_rejects_bad_input():
+    a, b, out = torch.randn(8, 4), torch.randn(8, 5), torch.empty(4, 5)
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        torch.ops.fmkernels.mm_tn_(out, a, torch.randn(7, 5), False)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        torch.ops.fmkernels.mm_tn_(torch.empty(5, 4), a, b, False)
+    with pytest.raises(RuntimeError, match="a must be a 2-D fp32"):
+        torch.ops.fmkernels.mm_tn_(out, a.double(), b, False)
+    with pytest.raises(RuntimeError, match="unit last-dim stride"):
+        torch.ops.fmkernels.mm_tn_(out, a, torch.randn(5, 8).t(), False)

@@ -24,7 +24,7 @@ from .. import _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import cross_entropy as ref
-from .linear import matmul_nt
+from .linear import matmul_nt, matmul_tn
 
 define("ce_chunk_(Tensor(a!) logits, Tensor target, float scale, int ignore_index) -> Tensor")
 
@@ -88,8 +88,8 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
         w = weight.to(cdtype)
         b = bias.to(cdtype) if bias is not None else None
         dx = torch.empty((T, H), dtype=cdtype, device=x.device) if need_x else empty
-        # fp32: accumulated in place from zero; lower precision: the first chunk's product becomes dw
-        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device) if need_w and cdtype == torch.float32 else empty
+        # fp32: the first chunk writes dw, the others add to it; lower precision: the first chunk's product becomes dw
+        dw = torch.empty((V, H), dtype=torch.float32, device=x.device) if need_w and cdtype == torch.float32 else empty
         db = torch.zeros((V,), dtype=torch.float32, device=x.device) if need_b else empty
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, T, chunk):
@@ -101,14 +101,14 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
                 matmul_nt(logits, w.t(), out=dx[s:e])  # (C, H)
             if need_w:
                 if cdtype == torch.float32:
-                    dw.addmm_(logits.t(), xc)  # (V, H)
+                    matmul_tn(logits, xc, out=dw, accumulate=s > 0)  # (V, H)
                 elif s == 0:
                     dw = (logits.t() @ xc).float()
                 else:
                     dw += (logits.t() @ xc).float()
             if need_b:
                 db += logits.float().sum(0)
-        if need_w and T == 0 and cdtype != torch.float32:
+        if need_w and T == 0:
             dw = torch.zeros((V, H), dtype=torch.float32, device=x.device)
     return total * scale, dx, dw, db
 

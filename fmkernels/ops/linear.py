@@ -6,7 +6,8 @@ cores Zen 4 (AVX-512, no AMX; FMA peak 234 GFLOP/s), T = 2048 tokens, (K, N) in 
 (384, 2048), (1024, 384)} (`benchmarks/bench_linear.py`):
   y  = x W^T   oneDNN 213-217 GFLOP/s, MKL 191-197   -> oneDNN
   dX = dY W    oneDNN 216-222 GFLOP/s, MKL 195-202   -> oneDNN
-  dW = dY^T X  oneDNN 108-194 GFLOP/s, MKL 184-195   -> MKL (torch.mm)
+  dW = dY^T X  oneDNN 108-194 GFLOP/s, MKL 184-195   -> fmkernels::mm_tn_ (csrc/cpu/mm_tn.cpp): 207-227 GFLOP/s
+               where MKL ran 191-201 side by side
 Backends: "cpu" (fp32 CPU tensors outside autocast; under CPU autocast F.linear already runs oneDNN's bf16
 kernels), "reference" (F.linear: every other case, and the fallback when oneDNN is missing).
 """
@@ -18,10 +19,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch
+from .. import _dispatch, _ext
+from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
-__all__ = ["linear", "matmul_nt"]
+__all__ = ["linear", "matmul_nt", "matmul_tn"]
+
+# out (N, K) (+)= a^T b for fp32 CPU a (T, N), b (T, K) with unit last strides (csrc/cpu/mm_tn.cpp).
+define("mm_tn_(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()")
+
+
+@torch.library.register_fake("fmkernels::mm_tn_")
+def _mm_tn_fake(out, a, b, accumulate):
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,6 +67,30 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = No
     return torch.mm(a, b.t(), out=out) if out is not None else a @ b.t()
 
 
+def _mm_tn_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
+            and a.dim() == 2 and b.dim() == 2 and a.stride(1) == 1 and b.stride(1) == 1
+            and _ext.has_cpu_ext())  # without AVX-512 (or FMK_CPU_ISA below it) the op itself runs addmm_
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None,
+              accumulate: bool = False) -> torch.Tensor:
+    """a.T @ b for 2-D a (T, N) and b (T, K) (a linear layer's weight gradient: a = dY, b = X), into `out` when
+    given (added to it when accumulate=True). fp32 CPU tensors with unit last strides run fmkernels::mm_tn_
+    (measured faster than MKL, see the module docstring); everything else runs torch.mm / addmm_. Not
+    differentiable."""
+    if out is None:
+        if _mm_tn_fits(a, b):
+            out = torch.empty((a.shape[1], b.shape[1]), dtype=torch.float32)
+            torch.ops.fmkernels.mm_tn_(out, a, b, False)
+            return out
+        return a.t().mm(b)
+    if _mm_tn_fits(a, b) and out.dtype == torch.float32 and out.stride(1) == 1 and out.device.type == "cpu":
+        torch.ops.fmkernels.mm_tn_(out, a, b, accumulate)
+        return out
+    return out.addmm_(a.t(), b, beta=1.0 if accumulate else 0.0)
+
+
 class _OneDnnLinear(torch.autograd.Function):
     """x (..., K), weight (N, K), bias (N,) or None -> (..., N); fp32 CPU."""
 
@@ -75,8 +109,8 @@ class _OneDnnLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dX = dY W: oneDNN (a @ b.T with b = W^T)
             dx = _onednn_nt(g2, weight.t()).view(x.shape)
-        if ctx.needs_input_grad[1]:  # dW = dY^T X: MKL measured faster
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[1]:  # dW = dY^T X
+            dw = matmul_tn(g2, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0)
         return dx, dw, db

@@ -26,8 +26,6 @@ SENTENCES = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def minilm():
     path = minilm_path()

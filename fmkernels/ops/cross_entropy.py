@@ -209,7 +209,7 @@ def linear_cross_entropy(
     dev = x.device.type
     cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if chunk_size is None:
-        chunk_size = default_chunk_size(T, V, torch.empty((), dtype=cdtype).element_size())
+        chunk_size = default_chunk_size(T, V, cdtype.itemsize)
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     q = _dispatch.Query(device=dev, dtype=cdtype, shape=(V,))

@@ -79,16 +79,14 @@ def matmul_tn(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = No
     given (added to it when accumulate=True). fp32 CPU tensors with unit last strides run fmkernels::mm_tn_
     (measured faster than MKL, see the module docstring); everything else runs torch.mm / addmm_. Not
     differentiable."""
+    if not _mm_tn_fits(a, b):
+        return a.t().mm(b) if out is None else out.addmm_(a.t(), b, beta=1.0 if accumulate else 0.0)
     if out is None:
-        if _mm_tn_fits(a, b):
-            out = torch.empty((a.shape[1], b.shape[1]), dtype=torch.float32)
-            torch.ops.fmkernels.mm_tn_(out, a, b, False)
-            return out
-        return a.t().mm(b)
-    if _mm_tn_fits(a, b) and out.dtype == torch.float32 and out.stride(1) == 1 and out.device.type == "cpu":
-        torch.ops.fmkernels.mm_tn_(out, a, b, accumulate)
-        return out
-    return out.addmm_(a.t(), b, beta=1.0 if accumulate else 0.0)
+        out, accumulate = torch.empty((a.shape[1], b.shape[1]), dtype=torch.float32), False
+    elif out.dtype != torch.float32 or out.stride(1) != 1 or out.device.type != "cpu":
+        return out.addmm_(a.t(), b, beta=1.0 if accumulate else 0.0)
+    torch.ops.fmkernels.mm_tn_(out, a, b, accumulate)
+    return out
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -140,7 +138,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """y = x @ weight.T + bias, as torch.nn.functional.linear (same shapes and autograd).
 
     x: (..., K); weight: (N, K); bias: (N,) or None; all the same dtype and device. fp32 CPU calls run the
-    forward and dX products on oneDNN and dW on MKL (measured fastest, see the module docstring).
+    forward and dX products on oneDNN and dW on fmkernels::mm_tn_ (measured fastest, see the module docstring).
     backend: "cpu" | "reference" forces one (default: the fastest that fits; FMK_BACKEND).
     """
     op = "fmkernels.linear"

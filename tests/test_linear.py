@@ -107,7 +107,8 @@ def test_linear_under_autocast_mixed_dtypes():
 
 # a (T, N), b (T, K) -> a.T b: tails in every direction (N % 12, K % 32 and % 16), one row, empty reduction.
 TN_SHAPES = [(1, 1, 1), (5, 13, 17), (64, 12, 32), (97, 37, 45), (200, 25, 70), (384, 100, 48), (1, 30, 100),
-             (193, 12, 16), (0, 7, 9), (300, 14, 300), (64, 5, 200)]  # K > 256: column blocks; N < 12: k split
+             (193, 12, 16), (0, 7, 9), (300, 14, 300), (64, 5, 200),  # N < 12: k split
+             (150, 13, 600)]  # K > 512: 256-column blocks with a tail
 
 
 @pytest.mark.parametrize("Tn,N,K", TN_SHAPES)

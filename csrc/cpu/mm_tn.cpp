@@ -12,7 +12,10 @@
 //               (2048, 2048, 2048) MKL 199 this 208     (512, 8192, 384)  MKL 185  this 206
 // Runs vary by a few percent: (2048, 2048, 384) also measured 185-197 against MKL's 193-194, (2048, 2048, 2048)
 // 186-194 against 193-201. Without the NC blocking K = 2048 lost clearly (181 vs 193); packing the a panel
-// (against 4 KiB row-stride aliasing) measured 1-8% slower everywhere.
+// (against 4 KiB row-stride aliasing) measured 1-8% slower everywhere (and 160 -> 140 at (256, 32768, 384)).
+// K <= 512 runs as one column block (3 runs each, against NC = 256 side by side): (2048, 2048, 384) 187-191 ->
+// 207-211, (256, 32768, 384) 158-163 -> 168-173, (512, 32768, 384) 163-168 -> 171-177 (the fused loss's dW at
+// vocab 32k), the other shapes above within noise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +30,7 @@ namespace {
 constexpr int64_t kMR = 12;  // out rows (n) per register tile
 constexpr int64_t kKC = 192;  // reduction rows (t) per block
 constexpr int64_t kNC = 256;  // out columns (k) per block: b's KC x NC block (192 KiB) stays in L2
+constexpr int64_t kNCWhole = 512;  // up to this many out columns: one block
 
 // out[0..MR) x [0 .. 16*NV) (+)= sum over T rows; the last vector column is masked by `last`.
 template <int MR, int NV>
@@ -74,8 +78,11 @@ FMK_AVX512 static void tn_rows(int64_t T, const float* a, int64_t lda, const flo
 
 FMK_AVX512 void tn_block_avx512(int64_t T, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                 int64_t ldc, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool accumulate) {
-  for (int64_t kc0 = k0; kc0 < k1; kc0 += kNC) {
-    const int64_t kc1 = std::min(k1, kc0 + kNC);
+  // Up to kNCWhole columns run as one block (b's KC x 512 block, 384 KiB, still fits L2): every out tile is then
+  // loaded and stored once per KC rows instead of once per NC columns as well.
+  const int64_t nc = k1 - k0 <= kNCWhole ? k1 - k0 : kNC;
+  for (int64_t kc0 = k0; kc0 < k1; kc0 += nc) {
+    const int64_t kc1 = std::min(k1, kc0 + nc);
     for (int64_t t0 = 0; t0 < T; t0 += kKC) {
       const int64_t tc = std::min(kKC, T - t0);
       const bool acc = accumulate || t0 > 0;

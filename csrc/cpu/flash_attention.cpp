@@ -96,6 +96,15 @@ struct Mask {
   }
 };
 
+// A causal diagonal block (fp32 paths): when the first kHalf query rows of a full BQ-row tile see no key past
+// the block's first kHalf, their scores, softmax and products run over kHalf keys: 3/4 of the block's work.
+// B 8, H 6, N 256, D 64 causal (10 blocks per head, 4 of them diagonal), 2 threads, medians of 40 alternating
+// calls: fwd 4.04 -> 3.84 ms, bwd 8.33 -> 7.84 ms. (Also splits a last key block with <= kHalf keys left.)
+constexpr int64_t kHalf = BK / 2;
+inline bool diagonal_split(const Mask& mask, int64_t r0, int64_t m, int64_t j0) {
+  return m == BQ && mask.hi(r0 + kHalf - 1) <= j0 + kHalf;
+}
+
 // Tasks are handed out from a shared counter (one at::parallel_for index per thread) rather than split
 // statically: on a shared machine a descheduled thread no longer holds back half of the work. Each task writes
 // only its own outputs, so results do not depend on which thread ran it (bit-identical run to run).
@@ -841,13 +850,26 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
       const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
-        kn.abt(M, BK, t.D, Q, Qr.sn, Kt + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK, BK, S.data(), BK);
-        if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S.data(), r0, M, j0);
-        for (int64_t i = 0; i < M; ++i) {
-          const float alpha = kn.softmax_row(S.data() + i * BK, BK, t.c, &m[i], &l[i]);
-          if (alpha != 1.0f) kn.scale_row(O.data() + i * t.Dp, t.Dp, alpha);
+        const float* ktb = Kt + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK;
+        const float* vb = Vr.row(b * t.Hkv + hk, j0);
+        const bool full = t.mask.full(r0, r0 + M, j0);
+        // rows [i0, i0 + rows) against the block's first `keys` keys
+        const auto part = [&](int64_t i0, int64_t rows, int64_t keys) {
+          float* s = S.data() + i0 * BK;
+          kn.abt(rows, keys, t.D, Q + i0 * Qr.sn, Qr.sn, ktb, BK, s, BK);
+          if (!full) t.mask.apply(s, r0 + i0, rows, j0);
+          for (int64_t i = i0; i < i0 + rows; ++i) {
+            const float alpha = kn.softmax_row(S.data() + i * BK, keys, t.c, &m[i], &l[i]);
+            if (alpha != 1.0f) kn.scale_row(O.data() + i * t.Dp, t.Dp, alpha);
+          }
+          kn.ab(rows, t.Dp, keys, s, BK, 1, vb, Vr.sn, O.data() + i0 * t.Dp, t.Dp);
+        };
+        if (diagonal_split(t.mask, r0, M, j0)) {
+          part(0, kHalf, kHalf);
+          part(kHalf, M - kHalf, BK);
+        } else {
+          part(0, M, BK);
         }
-        kn.ab(M, t.Dp, BK, S.data(), BK, 1, Vr.row(b * t.Hkv + hk, j0), Vr.sn, O.data(), t.Dp);
       }
       fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
       store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
@@ -1246,14 +1268,34 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
       const int64_t M = std::min(BQ, qhi - r0);
       const float* Q = Qr.row(bh, r0);
       const float* dO = dOr.row(bh, r0);
-      kn.abt(M, BK, t.D, Q, Qr.sn, ktb, BK, S, BK);
-      kn.abt(M, BK, t.D, dO, dOr.sn, vtb, BK, dP, BK);
+      // Rows below `top` see all BK keys; rows above it only the first `top_keys` (kHalf on a split diagonal
+      // block, where the P / dS entries past them are never computed and never read).
+      const bool split = diagonal_split(t.mask, r0, M, j0);
+      const int64_t top = split ? kHalf : 0, top_keys = split ? kHalf : BK;
+      if (top > 0) {
+        kn.abt(top, top_keys, t.D, Q, Qr.sn, ktb, BK, S, BK);
+        kn.abt(top, top_keys, t.D, dO, dOr.sn, vtb, BK, dP, BK);
+      }
+      kn.abt(M - top, BK, t.D, Q + top * Qr.sn, Qr.sn, ktb, BK, S + top * BK, BK);
+      kn.abt(M - top, BK, t.D, dO + top * dOr.sn, dOr.sn, vtb, BK, dP + top * BK, BK);
       if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S, r0, M, j0);
       for (int64_t i = 0; i < M; ++i)
-        kn.bwd_row(S + i * BK, dP + i * BK, BK, t.c, lse2[bh * t.Nq + r0 + i], delta[bh * t.Nq + r0 + i]);
-      kn.ab(BK, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);                  // dV += P^T dO
-      kn.ab(BK, t.Dp, M, dP, 1, BK, Q, Qr.sn, dka, t.Dp);                   // dK += dS^T Q
-      kn.ab(M, t.Dp, BK, dP, BK, 1, kfb, Kr.sn, dQ + r0 * t.Dp, t.Dp);      // dQ += dS K
+        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.c, lse2[bh * t.Nq + r0 + i],
+                   delta[bh * t.Nq + r0 + i]);
+      if (split) {  // keys [0, kHalf) get every row; keys [kHalf, BK) only the rows below `top`
+        kn.ab(kHalf, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);
+        kn.ab(BK - kHalf, t.Dp, M - top, S + top * BK + kHalf, 1, BK, dO + top * dOr.sn, dOr.sn,
+              dva + kHalf * t.Dp, t.Dp);
+        kn.ab(kHalf, t.Dp, M, dP, 1, BK, Q, Qr.sn, dka, t.Dp);
+        kn.ab(BK - kHalf, t.Dp, M - top, dP + top * BK + kHalf, 1, BK, Q + top * Qr.sn, Qr.sn,
+              dka + kHalf * t.Dp, t.Dp);
+        kn.ab(top, t.Dp, top_keys, dP, BK, 1, kfb, Kr.sn, dQ + r0 * t.Dp, t.Dp);
+        kn.ab(M - top, t.Dp, BK, dP + top * BK, BK, 1, kfb, Kr.sn, dQ + (r0 + top) * t.Dp, t.Dp);
+      } else {
+        kn.ab(BK, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);                  // dV += P^T dO
+        kn.ab(BK, t.Dp, M, dP, 1, BK, Q, Qr.sn, dka, t.Dp);                   // dK += dS^T Q
+        kn.ab(M, t.Dp, BK, dP, BK, 1, kfb, Kr.sn, dQ + r0 * t.Dp, t.Dp);      // dQ += dS K
+      }
     }
   });
 }

@@ -201,16 +201,11 @@ def _swiglu(model, state, report):
 # ------------------------------------------------------------------------------------------------- cross_entropy
 
 
-# Logits per chunk of the fused loss. 1024 tokens x vocab 32000 x hidden 512, fwd+bwd, CPU time on 2 cores
-# AVX-512 (Zen 4): unfused F.linear + F.cross_entropy 1496 ms; fused with the op's default chunk (65 tokens,
-# ~2M logits) 2233 ms; 128 tokens 1710; 256 tokens 1381; 512 tokens 1299. Small chunks make the grad-weight
-# accumulation (V x H, read and written once per chunk) and the K=chunk matmuls dominate. 8M logits (32 MB fp32)
-# per chunk: 262 tokens at vocab 32000.
-CE_LOGITS_PER_CHUNK = 8 * 2**20
-
-
-def ce_chunk_size(tokens: int, vocab: int) -> int:
-    return max(1, min(tokens, CE_LOGITS_PER_CHUNK // max(vocab, 1)))
+# The fused loss runs with the op's own chunk policy (fmkernels.ops.cross_entropy.default_chunk_size: ~16 MiB of
+# logits, >= 256 tokens in fp32, >= 1024 in 16-bit). 1024 tokens x vocab 32000 x hidden 512, fwd+bwd, 2 cores
+# Zen 4, medians of 5 alternating, two runs, against the 8M-logit chunks this integration used before (262 tokens):
+# fp32 256 tokens 577 / 642 ms vs 622 / 637 (a tie); bf16 autocast 1024 tokens 337 / 349 ms vs 416 / 429.
+# (Unfused F.linear + F.cross_entropy, fp32: 784 ms.)
 
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
@@ -236,10 +231,9 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if shift_labels is None:  # tokens < n predict n (as transformers' ForCausalLMLoss)
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
-    tokens, vocab = h.numel() // h.shape[-1], self.lm_head.weight.shape[0]
     loss = fmkernels.ops.linear_cross_entropy(
         h, self.lm_head.weight, shift_labels.to(h.device).contiguous(), self.lm_head.bias,
-        ignore_index=ignore_index, reduction=reduction, chunk_size=ce_chunk_size(tokens, vocab),
+        ignore_index=ignore_index, reduction=reduction,
     )
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)

@@ -78,8 +78,8 @@ FMK_AVX512 static void tn_rows(int64_t T, const float* a, int64_t lda, const flo
 
 FMK_AVX512 void tn_block_avx512(int64_t T, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                 int64_t ldc, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool accumulate) {
-  // Up to kNCWhole columns run as one block (b's KC x 512 block, 384 KiB, still fits L2): every out tile is then
-  // loaded and stored once per KC rows instead of once per NC columns as well.
+  // Up to kNCWhole columns run as one block (b's KC x 512 block, 384 KiB, still fits L2): each a panel (12 x KC,
+  // the strided broadcast side) is then read once per KC rows, not once per column block.
   const int64_t nc = k1 - k0 <= kNCWhole ? k1 - k0 : kNC;
   for (int64_t kc0 = k0; kc0 < k1; kc0 += nc) {
     const int64_t kc1 = std::min(k1, kc0 + nc);

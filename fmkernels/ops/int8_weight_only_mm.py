@@ -5,7 +5,7 @@ Schema (defined once, here):
       -> Tensor      x (M, K) float, w_packed (Np/16, K/4, 16, 4) uint8 ("wo8"), scale (K/G, Np) fp32 -> (M, n)
 Format: fmkernels/reference/quant.py ("wo8"). CPU: csrc/cpu/int8_weight_only_mm.cpp (VNNI, ~15-bit activations in
 two int8 terms); Triton: fmkernels/triton/int8_weight_only_mm.py (fp32 dot on GPU-dequantized tiles); reference:
-exact fp32 activations.
+exact fp32 activations. CUDA: csrc/cuda/int8_weight_only_mm.cu (fp32 FMA on registers-dequantized weights).
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def _triton(*args):
 
 
 OP = _dispatch.op("int8_weight_only_mm")
+OP.register(_dispatch.Backend("cuda", torch.ops.fmkernels.int8_weight_only_mm.default, ("cuda",), FLOAT_DTYPES,
+                              ("cuda_ext",)))
 OP.register(_dispatch.Backend("triton", _triton, ("cuda",), FLOAT_DTYPES, ("triton",)))
 OP.register(_dispatch.Backend("cpu", torch.ops.fmkernels.int8_weight_only_mm.default, ("cpu",), FLOAT_DTYPES,
                               ("cpu_ext",)))

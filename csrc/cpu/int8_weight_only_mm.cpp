@@ -8,7 +8,8 @@
 // int4 kernel's "A16" mode); per group, int32-exact:
 //   acc = sum_k u * a  (vpdpbusd: weight bytes are the u8 operand, activation codes the s8 broadcast operand)
 //   y  += scale * (acc - 128 * sum_k a)
-// Micro-kernel: 4 rows x 48 columns (12 int32 + 12 fp32 zmm accumulators); parallel over column panels.
+// Micro-kernel: 4 rows x 48 columns (12 int32 + 12 fp32 zmm accumulators), or 2 rows x 64 columns at M = 1;
+// parallel over column panels.
 // The weights stream once per 4 activation rows: at M = 1 (two rows of codes) the kernel reads 1 byte per weight.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,7 +26,7 @@ namespace {
 using quant::round_up;
 
 constexpr int kMR = 4;
-constexpr int kNB = 3;
+constexpr int kNB = 4;  // 16-column blocks per micro-kernel: 4 when R <= 2 (GEMV), else 3 (register budget)
 
 struct Wo8Args {
   const int8_t* A;       // (R, K) signed activation codes, R = M * 2
@@ -38,8 +39,8 @@ struct Wo8Args {
 };
 
 #define FMK_W8_DPB(c, b, p) __asm__("vpdpbusd %1%{1to16%}, %2, %0" : "+v"(c) : "m"(*(const int32_t*)(p)), "v"(b))
-#define FMK_W8_DECL(i) __m512i c##i##0, c##i##1, c##i##2; __m512 f##i##0 = zf, f##i##1 = zf, f##i##2 = zf;
-#define FMK_W8_ZERO(i) c##i##0 = zi; c##i##1 = zi; c##i##2 = zi;
+#define FMK_W8_DECL(i) __m512i c##i##0, c##i##1, c##i##2, c##i##3; __m512 f##i##0 = zf, f##i##1 = zf, f##i##2 = zf, f##i##3 = zf;
+#define FMK_W8_ZERO(i) c##i##0 = zi; c##i##1 = zi; c##i##2 = zi; c##i##3 = zi;
 #define FMK_W8_DP(i, j)                                 \
   if constexpr (MR > i) {                               \
     FMK_W8_DPB(c##i##j, v, p.A + (m0 + i) * p.K + 4 * t); \
@@ -79,12 +80,13 @@ FMK_AVX512_VNNI void ukernel_wo8(const Wo8Args& p, int64_t m0, int64_t b0) {
   for (int64_t g = 0; g < p.ngroups; ++g) {
     FMK_W8_ZERO(0) FMK_W8_ZERO(1) FMK_W8_ZERO(2) FMK_W8_ZERO(3)
     for (int64_t t = g * gq; t < (g + 1) * gq; ++t) {
-      FMK_W8_COL(0) FMK_W8_COL(1) FMK_W8_COL(2)
+      FMK_W8_COL(0) FMK_W8_COL(1) FMK_W8_COL(2) FMK_W8_COL(3)
     }
-    FMK_W8_EPICOL(0) FMK_W8_EPICOL(1) FMK_W8_EPICOL(2)
+    FMK_W8_EPICOL(0) FMK_W8_EPICOL(1) FMK_W8_EPICOL(2) FMK_W8_EPICOL(3)
   }
   FMK_W8_STORE(0, 0) FMK_W8_STORE(0, 1) FMK_W8_STORE(0, 2) FMK_W8_STORE(1, 0) FMK_W8_STORE(1, 1) FMK_W8_STORE(1, 2)
   FMK_W8_STORE(2, 0) FMK_W8_STORE(2, 1) FMK_W8_STORE(2, 2) FMK_W8_STORE(3, 0) FMK_W8_STORE(3, 1) FMK_W8_STORE(3, 2)
+  FMK_W8_STORE(0, 3) FMK_W8_STORE(1, 3) FMK_W8_STORE(2, 3) FMK_W8_STORE(3, 3)
 }
 
 // Scalar path (portable and AVX2-targeted copies): same math, one 16-column block, rows [m0, m1).
@@ -116,7 +118,7 @@ using Wo8Kernel = void (*)(const Wo8Args&, int64_t, int64_t);
 
 template <int MR>
 constexpr std::array<Wo8Kernel, kNB> wo8_row() {
-  return {&ukernel_wo8<MR, 1>, &ukernel_wo8<MR, 2>, &ukernel_wo8<MR, 3>};
+  return {&ukernel_wo8<MR, 1>, &ukernel_wo8<MR, 2>, &ukernel_wo8<MR, 3>, &ukernel_wo8<MR, 4>};
 }
 
 Wo8Kernel pick_wo8(int mr, int nb) {
@@ -127,7 +129,8 @@ Wo8Kernel pick_wo8(int mr, int nb) {
 
 void wo8_gemm(const Wo8Args& p, int64_t R) {
   const int64_t nblk16 = p.Np / 16;
-  const int64_t npanel = (nblk16 + kNB - 1) / kNB;
+  const int64_t NB = R <= 2 ? kNB : kNB - 1;  // MR x NB x 2 accumulators within 32 zmm
+  const int64_t npanel = (nblk16 + NB - 1) / NB;
   const int64_t nthr = at::get_num_threads();
   int64_t mchunks = 1;
   if (npanel < 4 * nthr && R > kMR) mchunks = std::min<int64_t>((R + kMR - 1) / kMR, (4 * nthr + npanel - 1) / npanel);
@@ -138,8 +141,8 @@ void wo8_gemm(const Wo8Args& p, int64_t R) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pn = t / mchunks, mc = t % mchunks;
       const int64_t mb = mc * mstep, me = std::min(R, mb + mstep);
-      const int64_t b0 = pn * kNB;
-      const int nb = static_cast<int>(std::min<int64_t>(kNB, nblk16 - b0));
+      const int64_t b0 = pn * NB;
+      const int nb = static_cast<int>(std::min<int64_t>(NB, nblk16 - b0));
       if (vnni) {
         for (int64_t m = mb; m < me; m += kMR)
           pick_wo8(static_cast<int>(std::min<int64_t>(kMR, me - m)), nb)(p, m, b0);

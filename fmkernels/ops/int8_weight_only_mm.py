@@ -125,8 +125,15 @@ def int8_weight_only_mm_module(x, w_packed, scale, group_size, n, bias, backend=
     impl = Q._fast_impl("int8_weight_only_mm", x, w_packed, backend) if w_packed.shape[1] * 4 == K else None
     if impl is None:
         return int8_weight_only_mm(x, w_packed, scale, group_size, n, bias, backend=backend)
-    y = impl.fn(x.reshape(-1, K).contiguous(), w_packed, scale, group_size, n, bias)
+    x2 = x.reshape(-1, K).contiguous()
+    if impl.name == "cpu" and Q._plain_no_grad(x, bias):
+        y = _OV.redispatch(Q._CPU_KEYS, x2, w_packed, scale, group_size, n, bias)  # past the autograd wrapper
+    else:
+        y = impl.fn(x2, w_packed, scale, group_size, n, bias)
     return y.reshape(*x.shape[:-1], n)
+
+
+_OV = torch.ops.fmkernels.int8_weight_only_mm.default
 
 
 # ---------------------------------------------------------------- autograd: straight-through dx = dy @ W_deq

@@ -33,7 +33,7 @@ class LayerStats:
     absmax: Optional[torch.Tensor] = None  # (K,)
     abssum: Optional[torch.Tensor] = None  # (K,)
     sample: list = field(default_factory=list)  # row blocks, up to _MAX_SAMPLE_ROWS rows in all
-    hessian: Optional[torch.Tensor] = None  # (K, K) fp64 sum of x^T x
+    hessian: Optional[torch.Tensor] = None  # (K, K) fp32 sum of x^T x
     producer: Optional[str] = "?"  # fqn of the norm whose output is this layer's input in every call, else None
     group: Optional[frozenset] = None  # fqns of the layers that received the same input tensor in every call
 
@@ -113,8 +113,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], calibration: Calibra
                     step = max(1, x2.shape[0] // 128)
                     st.sample.append(x2[::step][: _MAX_SAMPLE_ROWS - have].clone())
             if hessian:
-                h64 = x2.double()
-                st.hessian = h64.t() @ h64 if st.hessian is None else st.hessian.addmm_(h64.t(), h64)
+                st.hessian = x2.t() @ x2 if st.hessian is None else st.hessian.addmm_(x2.t(), x2)
             prod = norm_out.get(id(x))
             st.producer = prod if st.producer in ("?", prod) else None
             seen_input.setdefault(id(x), set()).add(fqn)

@@ -89,6 +89,7 @@ def variants():
         v[f"int4-g{g}-rtn-mse"] = fk.Int4WeightOnlyConfig(group_size=g, mse_search=True)
         v[f"int4-g{g}-awq"] = fk.Int4WeightOnlyConfig(group_size=g, method="awq")
         v[f"int4-g{g}-gptq"] = fk.Int4WeightOnlyConfig(group_size=g, method="gptq")
+    v["int4-g128-rtn+head"] = fk.Int4WeightOnlyConfig(group_size=128)  # the output head in int4 too
     v["gguf-q4_1"] = "gguf"
     return v
 
@@ -128,10 +129,11 @@ def main():
             quantize_from_gguf_(m, path)
             summary = m.fmk_quantize_summary
         elif cfg is not None:
-            body = (lambda mod, fqn: fqn != "lm_head") if args.head == "int8" else None
+            head8 = args.head == "int8" and not vname.endswith("+head")
+            body = (lambda mod, fqn: fqn != "lm_head") if head8 else None
             fk.quantize_(m, cfg, filter_fn=body, calibration=calib if getattr(cfg, "needs_calibration", False) else None)
             summary = m.fmk_quantize_summary
-            if args.head == "int8":
+            if head8:
                 fk.quantize_(m, fk.Int8WeightOnlyConfig(), filter_fn=lambda mod, fqn: fqn == "lm_head")
         tq = time.perf_counter() - t0
         ppl = {k: perplexity(m, ids, args.seq) for k, ids in texts.items()}

@@ -166,7 +166,7 @@ def _unsupported_reason(linear: nn.Linear, config) -> Optional[str]:
     """Why this layer cannot take the config's format (None when it can)."""
     N, K = linear.out_features, linear.in_features
     if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"weight dtype {linear.weight.dtype} is not a float type"
+        return f"weight dtype {linear.weight.dtype} is not float32, bfloat16 or float16"
     if isinstance(config, Int8TrainingConfig):
         if min(N, K) < config.min_features:
             return f"smaller than min_features={config.min_features} ({K}->{N}): int8 would not pay"

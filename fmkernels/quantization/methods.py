@@ -206,38 +206,51 @@ def _qdq(w, scale, zero):
 
 
 def int4_rtn(w: torch.Tensor, group_size: int, mse: bool = False, x_weight: Optional[torch.Tensor] = None):
-    """w (N, Kp) -> (q uint8 (N, Kp), scale (Kp/G, N), zero (Kp/G, N)). mse: per group, the shrink factor of the
-    range in {1.0, 0.97, ..., 0.55} with the smallest (optionally x_weight (Kp,)-weighted) squared error."""
+    """w (N, Kp) -> (q uint8 (N, Kp), scale (Kp/G, N), zero (Kp/G, N)).
+
+    Plain: [min, max] widened to include 0, integer zero point. mse: per group, the candidate with the smallest
+    (optionally x_weight (Kp,)-weighted) squared error among (a) that range shrunk by {1.0, 0.97, ..., 0.55} and
+    (b) the group's own [min, max] shrunk about its centre with a float zero point (the format allows any fp32
+    zero: llama.cpp's Q4_1 grid is this family at p = 1), refined twice HQQ-style (zero = mean(q - w / scale))."""
     N, Kp = w.shape
     ng = Kp // group_size
     wg = w.float().reshape(N, ng, group_size)
     mn = wg.amin(dim=2).clamp(max=0)
     mx = wg.amax(dim=2).clamp(min=0)
-    best_s = best_z = None
-    if mse:
-        xw = None if x_weight is None else x_weight.float().reshape(1, ng, group_size)
-        best = torch.full((N, ng), float("inf"), device=w.device)
-        best_s = torch.ones(N, ng, device=w.device)
-        best_z = torch.zeros(N, ng, device=w.device)
-        for i in range(16):
-            p = 1.0 - 0.03 * i
-            s = ((mx - mn) * p / 15.0)
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            z = torch.round(-mn * p / s).clamp(0, 15)
-            _, dq = _qdq(wg, s, z)
-            e = (dq - wg).pow(2)
-            if xw is not None:
-                e = e * xw
-            e = e.sum(2)
-            better = e < best
-            best = torch.where(better, e, best)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-        s, z = best_s, best_z
-    else:
+    if not mse:
         s = (mx - mn) / 15.0
         s = torch.where(s > 0, s, torch.ones_like(s))
         z = torch.round(-mn / s).clamp(0, 15)
+    else:
+        xw = None if x_weight is None else x_weight.float().reshape(1, ng, group_size)
+        best = torch.full((N, ng), float("inf"), device=w.device)
+        s = torch.ones(N, ng, device=w.device)
+        z = torch.zeros(N, ng, device=w.device)
+        lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+        c, half = (hi + lo) / 2, (hi - lo) / 2
+
+        def consider(cs, cz):
+            nonlocal best, s, z
+            _, dq = _qdq(wg, cs, cz)
+            e = (dq - wg).pow(2)
+            e = (e * xw if xw is not None else e).sum(2)
+            better = e < best
+            best = torch.where(better, e, best)
+            s, z = torch.where(better, cs, s), torch.where(better, cz, z)
+
+        for i in range(16):
+            p = 1.0 - 0.03 * i
+            cs = (mx - mn) * p / 15.0
+            cs = torch.where(cs > 0, cs, torch.ones_like(cs))
+            consider(cs, torch.round(-mn * p / cs).clamp(0, 15))
+            cs = 2 * half * p / 15.0
+            cs = torch.where(cs > 0, cs, torch.ones_like(cs))
+            cz = -(c - half * p) / cs
+            for _ in range(2):
+                q = torch.round(wg / cs[..., None] + cz[..., None]).clamp(0, 15)
+                consider(cs, cz)
+                cz = (q - wg / cs[..., None]).mean(2)
+            consider(cs, cz)
     q, _ = _qdq(wg, s, z)
     return q.to(torch.uint8).reshape(N, Kp), s.t().contiguous(), z.t().contiguous()
 
@@ -297,8 +310,10 @@ def awq_scales(x: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Tenso
 
 
 @torch.no_grad()
-def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block: int = 128, damp: float = 0.01):
-    """w (N, K) float, hessian (K, K) = sum x^T x -> int4 codes in the padded layout (as int4_rtn)."""
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block: int = 128, damp: float = 0.01,
+              mse: bool = True):
+    """w (N, K) float, hessian (K, K) = sum x^T x -> int4 codes in the padded layout (as int4_rtn). Each group's
+    scale / zero come from its error-updated columns when the group starts (mse: int4_rtn's range search)."""
     N, K = w.shape
     G = group_size
     block = max(block, G) // G * G
@@ -326,7 +341,12 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block: in
             col = i1 + i
             if col % G == 0:
                 g = col // G
-                scale, zero = int4_params(W1[:, i: i + G])  # the group's current (error-updated) columns
+                cols = W1[:, i: i + G]  # the group's current (error-updated) columns
+                if mse:
+                    _, sg, zg = int4_rtn(pad_k(cols, G), G, mse=True)
+                    scale, zero = sg[0], zg[0]
+                else:
+                    scale, zero = int4_params(cols)
                 S[g], Z[g] = scale, zero
             wcol = W1[:, i]
             q = torch.round(wcol / scale + zero).clamp(0, 15)
@@ -336,6 +356,6 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block: in
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if Kp > K:  # padded columns: the zero point (a zero weight)
-        Q[:, K:] = Z[-1].round().to(torch.uint8)[:, None]
+    if Kp > K:  # padded columns (x is zero there): any code; the zero point's nearest
+        Q[:, K:] = Z[-1].round().clamp(0, 15).to(torch.uint8)[:, None]
     return Q, S, Z

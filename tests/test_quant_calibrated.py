@@ -335,7 +335,7 @@ def _smollm2():
 def test_gguf_q4_1_import_reproduces_logits():
     """SmolLM2-135M Q4_1: every linear layer keeps the file's blocks (210 Q4_1 -> Int4Linear g32, the tied head's
     Q8_0 -> Int8WeightOnlyLinear g32); fp32 logits within 1e-4 of transformers' dequantized model (measured
-    6.3e-5 max abs, logits up to ~35)."""
+    6.3e-5 max abs, logits up to ~35). Then int4 g128 on the same model converts all 211 linear layers."""
     from transformers import AutoModelForCausalLM
 
     from fmkernels.quantization.gguf import quantize_from_gguf_
@@ -351,3 +351,6 @@ def test_gguf_q4_1_import_reproduces_logits():
     with torch.no_grad():
         a, b = ref(ids).logits, ours(ids).logits
     assert (a - b).abs().max().item() <= 1e-4
+    # group 128 quantizes every linear layer (in_features 576 and 1536 are padded to 640 and 1536)
+    fk.quantize_(ref, fk.Int4WeightOnlyConfig(group_size=128))
+    assert ref.fmk_quantize_summary.endswith("converted 211 of 211 linear layers")

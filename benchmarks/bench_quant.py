@@ -5,6 +5,9 @@
   Int8DynamicActivationInt8WeightConfig (when importable), fp32 / bf16 nn.Linear: batch 1 and 64.
 - Int4Linear g128 vs torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations) and fp32 nn.Linear:
   M in {1, 16, 64, 256}.
+- Int8WeightOnlyLinear (per-channel) vs a bare read of its weight bytes (uint8 amax over the packed tensor: the
+  memory bound), torch.ops.aten._weight_int8pack_mm (bf16 activations; torchao's int8 weight-only CPU path) and
+  fp32 nn.Linear: M in {1, 4, 16, 64, 256}.
 - A training step of a small transformer (d512, ffn 2048, 2 layers, seq 128, batch 8) with Int8TrainingConfig vs
   fp32 (tokens/s in extra_info).
 """
@@ -162,6 +165,49 @@ def test_int4_linear(benchmark, M, label, peer, spec):
 
         measure(benchmark, run, group=f"Linear 4096x4096 int4 g128, M={M}", label=label,
                 flops=2.0 * M * NK * NK, peer=peer, rounds=3 if M >= 256 else None)
+
+
+# ---------------------------------------------------------------- Int8WeightOnlyLinear (W8A16)
+
+
+def _wo8_impls():
+    yield "fmk Int8WeightOnlyLinear fp32", False, "fmk"
+    yield "bare read of the weight bytes", False, "read"
+    yield "torch _weight_int8pack_mm bf16", True, "torch"
+    yield "torch fp32 nn.Linear", False, "fp32"
+
+
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("label,peer,kind", list(_wo8_impls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_int8_weight_only_linear(benchmark, M, label, peer, kind):
+    if kind in ("fmk", "read") and not HAS_CPU:
+        pytest.skip("CPU extension not built")
+    lin = _linear()
+    x = torch.randn(M, NK)
+    mod = fk.nn.Int8WeightOnlyLinear.from_float(lin)
+    if kind == "fmk":
+        fn = lambda: mod(x)  # noqa: E731
+    elif kind == "read":
+        if M > 1:
+            pytest.skip("the memory bound is measured once (M = 1 group)")
+        w = mod.weight_packed
+        fn = lambda: torch.amax(w)  # noqa: E731
+    elif kind == "torch":
+        q, s = Q.quantize_per_row(lin.weight.detach())
+        xb = x.to(torch.bfloat16)
+        sb = s.to(torch.bfloat16)
+        fn = lambda: torch.ops.aten._weight_int8pack_mm(xb, q, sb)  # noqa: E731
+    else:
+        fn = lambda: lin(x)  # noqa: E731
+    with torch.no_grad():
+        fn()
+
+        def run():
+            with torch.no_grad():
+                fn()
+
+        measure(benchmark, run, group=f"Linear 4096x4096 int8 weight-only, M={M}", label=label,
+                flops=2.0 * M * NK * NK, nbytes=float(NK * NK), peer=peer)
 
 
 # ---------------------------------------------------------------- int8 training step

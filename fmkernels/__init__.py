@@ -31,6 +31,7 @@ _LAZY = {
     "convert_": "fmkernels.quantization",
     "Int8DynamicConfig": "fmkernels.quantization",
     "Int4WeightOnlyConfig": "fmkernels.quantization",
+    "Int8WeightOnlyConfig": "fmkernels.quantization",
     "Float8Config": "fmkernels.quantization",
     "Int8TrainingConfig": "fmkernels.quantization",
     # sparsity

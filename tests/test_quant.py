@@ -348,14 +348,15 @@ def test_quantize_transformer_logits_close(config, max_rel, caplog):
 
 
 def test_quantize_skips_unsupported_with_reason(caplog):
-    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 100), nn.Linear(100, 8))
+    """in_features=100 with group 64 is padded (issue 19), a float64 layer is skipped and named."""
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 100), nn.Linear(100, 8), nn.Linear(8, 8).double())
     with caplog.at_level(logging.INFO, logger="fmkernels.quantization"):
         fk.quantize_(model, fk.Int4WeightOnlyConfig(group_size=64))
-    assert isinstance(model[0], fk.nn.Int4Linear) and isinstance(model[2], fk.nn.Int4Linear)
-    assert type(model[3]) is nn.Linear
-    assert "skipping '3': in_features=100 is not a multiple of group_size=64" in caplog.text
-    with pytest.raises(ValueError, match="selected by filter_fn but in_features=100"):
-        fk.quantize_(nn.Sequential(nn.Linear(100, 8)), fk.Int4WeightOnlyConfig(64), filter_fn=lambda m, n: True)
+    assert all(isinstance(model[i], fk.nn.Int4Linear) for i in (0, 2, 3))
+    assert type(model[4]) is nn.Linear
+    assert "converted 3 of 4 linear layers; skipped '4' (weight dtype torch.float64" in caplog.text
+    with pytest.raises(ValueError, match="selected by filter_fn but weight dtype torch.float64"):
+        fk.quantize_(nn.Sequential(nn.Linear(100, 8).double()), fk.Int4WeightOnlyConfig(64), filter_fn=lambda m, n: True)
 
 
 def test_quantize_filter_fn():

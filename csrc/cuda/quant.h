@@ -21,6 +21,10 @@ cudaError_t int4_mm(DType dtype, const void* x, const uint8_t* Wp, const float* 
                     const float* bias, void* C, int64_t M, int64_t N, int64_t K, int64_t NP, int64_t G,
                     cudaStream_t stream);
 
+// C[M, N] = x[M, K] @ dequant(W)^T (+ bias), W int8 in the wo8 layout (bytes = q + 128), scale (K/G, NP) fp32.
+cudaError_t int8_weight_only_mm(DType dtype, const void* x, const uint8_t* Wp, const float* scale, const float* bias,
+                                void* C, int64_t M, int64_t N, int64_t K, int64_t NP, int64_t G, cudaStream_t stream);
+
 // C[M, N] = (a[M, K] @ b[N, K]^T) * a_scale * b_scale (+ bias); a, b float8 e4m3 bytes; scales per row
 // (stride 1) or per tensor (stride 0).
 cudaError_t fp8_mm(const uint8_t* a, const uint8_t* b, const float* a_scale, int64_t a_scale_stride,

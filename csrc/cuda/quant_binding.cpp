@@ -79,6 +79,27 @@ at::Tensor int4_mm_cuda(const at::Tensor& x_in, const at::Tensor& wp, const at::
   return out;
 }
 
+at::Tensor int8_weight_only_mm_cuda(const at::Tensor& x_in, const at::Tensor& wp, const at::Tensor& scale,
+                                    int64_t group_size, int64_t n, const std::optional<at::Tensor>& bias) {
+  const char* op = "fmkernels::int8_weight_only_mm";
+  TORCH_CHECK(x_in.is_cuda() && wp.is_cuda(), op, ": x and w_packed must be CUDA tensors");
+  TORCH_CHECK(wp.scalar_type() == at::kByte && wp.dim() == 4 && wp.is_contiguous(), op,
+              ": w_packed must be contiguous uint8 (Np/16, K/4, 16, 4)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(wp.size(1) * 4 == K && group_size > 0 && K % group_size == 0, op,
+              ": w_packed / group_size do not match K=", K);
+  at::Tensor out = at::empty({M, n}, x.options());
+  const at::Tensor s = scale.contiguous();
+  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  check_launch(int8_weight_only_mm(to_dtype(x, "x"), x.data_ptr(), wp.data_ptr<uint8_t>(), s.data_ptr<float>(),
+                                   bias.has_value() ? b32.data_ptr<float>() : nullptr, out.data_ptr(), M, n, K,
+                                   wp.size(0) * 16, group_size, current_stream()),
+               op);
+  return out;
+}
+
 at::Tensor fp8_mm_cuda(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& b_in,
                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "fmkernels::fp8_mm";
@@ -109,4 +130,5 @@ TORCH_LIBRARY_IMPL(fmkernels, CUDA, m) {
   m.impl("int8_linear", &fmk::cuda::int8_linear_cuda);
   m.impl("int4_mm", &fmk::cuda::int4_mm_cuda);
   m.impl("fp8_mm", &fmk::cuda::fp8_mm_cuda);
+  m.impl("int8_weight_only_mm", &fmk::cuda::int8_weight_only_mm_cuda);
 }

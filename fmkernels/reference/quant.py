@@ -7,6 +7,9 @@ Formats (shared by every backend):
 - int4 weights, "int4x8": q (N, K) in [0, 15] -> packed (Np/16, K/8, 16, 4) uint8:
   packed[nb, t, i, j] = q[16 nb + i, 8 t + j] | q[16 nb + i, 8 t + 4 + j] << 4.
   W = (q - zero[g, n]) * scale[g, n], g = k // group_size; scale / zero are fp32 (K/G, Np).
+- int8 weight-only, "wo8": q (N, K) int8 -> packed (Np/16, K/4, 16, 4) uint8 = q + 128 in the vnni16x4 order
+  (padding holds 128, i.e. a zero weight); W = (packed - 128) * scale[g, n], scale fp32 (K/G, Np), one group
+  (G = K) for per-channel weights. K is a multiple of 4 and of G (layers pad it; see quantization/).
 - dynamic activation quantization: per row, symmetric, amax / 127, round half to even.
 """
 from __future__ import annotations
@@ -148,6 +151,49 @@ def int4_mm(x, w_packed, scale, zero, group_size: int, n: int, bias=None, act_te
     """x (M, K) @ dequant(W)^T (+ bias), exact fp32 activations (act_terms is a kernel knob, ignored here)."""
     K = x.shape[1]
     w = dequantize_int4(int4_unpack_weight(w_packed, n, K), scale, zero, group_size)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- int8 weight-only
+
+
+def int8_weight_only_pack(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) int8 (K a multiple of 4) -> packed (Np/16, K/4, 16, 4) uint8 = q + 128."""
+    packed, _ = int8_pack_weight(q)
+    return (packed.to(torch.int16) + 128).to(torch.uint8)
+
+
+def int8_weight_only_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of int8_weight_only_pack: (n, k) int8."""
+    return (int8_unpack_weight(packed, n, k).to(torch.int16) - 128).to(torch.int8)
+
+
+def dequantize_int8_weight_only(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q (N, K) int8, scale (K/G, >= N) -> W (N, K) fp32."""
+    N = q.shape[0]
+    s = scale[:, :N].t().repeat_interleave(group_size, dim=1)  # (N, K)
+    return q.float() * s
+
+
+def quantize_int8_grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float (K a multiple of group_size) -> (q (N, K) int8, scale (K/G, N) fp32), symmetric amax / 127
+    per group (group_size = K: per output channel)."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group_size, group_size)
+    amax = wg.abs().amax(dim=2)
+    scale = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(wg * inv[:, :, None]).clamp_(-127, 127).to(torch.int8).reshape(N, K)
+    return q, scale.t().contiguous()
+
+
+def int8_weight_only_mm(x, w_packed, scale, group_size: int, n: int, bias=None) -> torch.Tensor:
+    """x (M, K) @ dequant(W)^T (+ bias) in fp32 with exact fp32 activations; output in x's dtype."""
+    K = x.shape[1]
+    w = dequantize_int8_weight_only(int8_weight_only_unpack(w_packed, n, K), scale, group_size)
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()

@@ -76,8 +76,9 @@ def apply_structure(model: nn.Module, sd: dict, spec: Optional[dict] = None) -> 
         elif kind == "int8":
             new = Int8Linear(K, N, bias)
         else:
-            G = sd[f"{fqn}.weight_scale"].shape[0]
-            new = Int4Linear(K, N, bias, group_size=K // G, symmetric=bool(spec.get("symmetric", False)),
+            G = sd[f"{fqn}.weight_scale"].shape[0]  # groups over K padded to the group size
+            gs = spec.get("group_size") or next((g for g in (32, 64, 128, 256) if -(-K // g) == G), K // G)
+            new = Int4Linear(K, N, bias, group_size=gs, symmetric=bool(spec.get("symmetric", False)),
                              act_terms=int(spec.get("act_terms", 2)))
         _set(model, fqn, new)
     return model

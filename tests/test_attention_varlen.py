@@ -1,0 +1,250 @@
+"""fmkernels.flash_attention_varlen vs a reference that runs each sequence on its own (and the padded-batch key
+ranges of fmkernels.flash_attention), forward and gradients, odd shapes, bad inputs, determinism, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmkernels as fk
+from fmkernels import testing as T
+from fmkernels.reference.attention import attention_mask
+from fmkernels.reference.attention_varlen import flash_attention_varlen as varlen_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKENDS = {dt: T.available_backends("flash_attention_varlen", "cpu", dt) for dt in DTYPES}
+ALL_BACKENDS = sorted(set().union(*BACKENDS.values()))
+HAS_CPU = "cpu" in BACKENDS[torch.float32]
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _baseline(q, k, v, lens_q, lens_k, causal, window, scale):
+    """Plain PyTorch SDPA per sequence in the inputs' own precision: the yardstick for the error budget."""
+    left, right = window
+    if causal:
+        right = 0
+    outs, q0, k0 = [], 0, 0
+    for nq, nk in zip(lens_q, lens_k):
+        if nq and nk:
+            qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0:q0 + nq], k[k0:k0 + nk], v[k0:k0 + nk]))
+            mask = attention_mask(nq, nk, left, right)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+            outs.append(o[0].transpose(0, 1).nan_to_num(0.0))
+        elif nq:
+            outs.append(q[q0:q0 + nq] * 0)
+        q0, k0 = q0 + nq, k0 + nk
+    return torch.cat(outs, 0)
+
+
+def _check(backend, lens_q, lens_k, Hq, Hkv, D, dtype, causal=False, window=(-1, -1), scale=None, seed=0):
+    if backend not in BACKENDS[dtype]:
+        pytest.skip(f"{backend} does not run {dtype} here")
+    Tq, Tk = sum(lens_q), sum(lens_k)
+    cq, ck = _cu(lens_q), _cu(lens_k)
+    q = T.randn(Tq, Hq, D, dtype=dtype, seed=seed)
+    k = T.randn(Tk, Hkv, D, dtype=dtype, seed=seed + 1)
+    v = T.randn(Tk, Hkv, D, dtype=dtype, seed=seed + 2)
+    (qk, kk, vk), (qb, kb, vb) = [[t.detach().clone().requires_grad_(True) for t in (q, k, v)] for _ in range(2)]
+    qr, kr, vr = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    out, lse = fk.flash_attention_varlen(qk, kk, vk, cq, ck, mq, mk, causal=causal, window_size=window,
+                                         softmax_scale=scale, return_lse=True, backend=backend)
+    ref, lse_ref = varlen_ref(qr, kr, vr, cq, ck, causal=causal, window_size=window, softmax_scale=scale,
+                              return_lse=True)
+    base = _baseline(qb, kb, vb, lens_q, lens_k, causal, window, scale)
+    assert out.dtype == dtype and out.shape == (Tq, Hq, D)
+    assert lse.dtype == torch.float32 and lse.shape == (Hq, Tq)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    T.assert_close_to_reference(out, ref, base, name=f"{backend} out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[fin], lse_ref[fin], rtol=1e-3 if dtype != torch.float32 else 1e-5, atol=1e-3)
+    g = T.randn(Tq, Hq, D, seed=seed + 3)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    base.backward(g.to(dtype))
+    for name, a, r, b in (("dq", qk, qr, qb), ("dk", kk, kr, kb), ("dv", vk, vr, vb)):
+        assert a.grad.dtype == dtype and a.grad.shape == a.shape
+        assert not torch.isnan(a.grad).any(), f"{backend} {name}: NaN"
+        bg = b.grad if b.grad is not None else torch.zeros_like(b)
+        T.assert_close_to_reference(a.grad, r.grad, bg.nan_to_num(0.0), name=f"{backend} {name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_basic_mixed_lengths(backend, dtype, causal):
+    # single-token and empty sequences, a sequence over several key blocks, one not a multiple of the tile
+    lens = [1, 0, 70, 5, 130, 1]
+    _check(backend, lens, lens, 4, 4, 64, dtype, causal)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [8, 24, 40, 59, 96, 256])
+def test_head_dims(backend, dtype, d):
+    _check(backend, [33, 1, 66], [33, 1, 66], 2, 2, d, dtype, causal=True, seed=d)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2)], ids=["gqa4", "gqa3"])
+def test_gqa(backend, dtype, hq, hkv):
+    _check(backend, [17, 80, 3], [17, 80, 3], hq, hkv, 32, dtype, causal=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (0, 0), (3, -1)], ids=str)
+def test_window(backend, dtype, window):
+    _check(backend, [150, 9, 0, 40], [150, 9, 0, 40], 2, 2, 32, dtype, window=window)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_q_shorter_than_k(backend, dtype, causal):
+    # per sequence: q shorter than k (chunked prefill / decoding), a query with no keys, keys with no query
+    _check(backend, [1, 20, 64, 3, 0, 7], [90, 20, 200, 0, 5, 16], 4, 2, 48, dtype, causal, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_q_longer_than_k_causal_rows_without_keys(backend):
+    _check(backend, [10, 70], [4, 65], 2, 1, 16, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_all_empty_and_single(backend):
+    _check(backend, [0, 1, 0], [0, 1, 0], 1, 1, 8, torch.float32)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lens", [[300], [64, 200, 1, 0, 90]], ids=["one-long", "mixed"])
+def test_cpu_backward_deterministic(dtype, lens):
+    # one sequence, one head: the backward splits keys into chunks with dq partials; mixed: dq written directly
+    cu = _cu(lens)
+    q = T.randn(sum(lens), 1, 64, dtype=dtype).requires_grad_(True)
+    k = T.randn(sum(lens), 1, 64, dtype=dtype, seed=1).requires_grad_(True)
+    v = T.randn(sum(lens), 1, 64, dtype=dtype, seed=2).requires_grad_(True)
+    g = T.randn(sum(lens), 1, 64, dtype=dtype, seed=3)
+    grads = []
+    for _ in range(2):
+        out = fk.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="cpu")
+        grads.append(torch.autograd.grad(out, (q, k, v), g))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_equal_lengths_match_dense(dtype):
+    # B equal-length sequences packed = the dense kernel on (B, H, N, D): same tiles, same order of sums
+    B, H, N, D = 3, 2, 96, 64
+    q, k, v = (T.randn(B, H, N, D, dtype=dtype, seed=s) for s in range(3))
+    dense = fk.flash_attention(q, k, v, causal=True, backend="cpu")
+    pack = lambda x: x.transpose(1, 2).reshape(B * N, H, D)  # noqa: E731
+    cu = _cu([N] * B)
+    out = fk.flash_attention_varlen(pack(q), pack(k), pack(v), cu, cu, N, N, causal=True, backend="cpu")
+    assert torch.equal(out, pack(dense))
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_opcheck(dtype):
+    lens_q, lens_k = [3, 0, 9], [5, 2, 13]
+    q = T.randn(sum(lens_q), 4, 40, dtype=dtype).requires_grad_(True)
+    k = T.randn(sum(lens_k), 2, 40, dtype=dtype, seed=1).requires_grad_(True)
+    v = T.randn(sum(lens_k), 2, 40, dtype=dtype, seed=2).requires_grad_(True)
+    cq, ck = _cu(lens_q), _cu(lens_k)
+    fwd = torch.ops.fmkernels.flash_attention_varlen_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, cq, ck, 9, 13, 0.2, -1, 0))
+    torch.library.opcheck(fwd, (q.detach(), k.detach(), v.detach(), cq, ck, 9, 13, 0.2, 3, 2))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), cq, ck, 9, 13, 0.2, -1, 0)
+    torch.library.opcheck(
+        torch.ops.fmkernels.flash_attention_varlen_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cq, ck, 9, 13, 0.2, -1, 0),
+    )
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+def test_cpu_torch_compile_fullgraph():
+    lens = [5, 16, 1]
+    cu = _cu(lens)
+    q, k, v = (T.randn(sum(lens), 2, 32, seed=s).requires_grad_(True) for s in range(3))
+
+    def f(a, b, c, cu):
+        return fk.flash_attention_varlen(a, b, c, cu, cu, 16, 16, causal=True).sum()
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = f(q, k, v, cu)
+    torch.testing.assert_close(g(q, k, v, cu), eager)
+    torch.testing.assert_close(torch.autograd.grad(g(q, k, v, cu), (q, k, v)), torch.autograd.grad(eager, (q, k, v)))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _inputs(lens=(3, 4)):
+    t = sum(lens)
+    return T.randn(t, 2, 16), T.randn(t, 2, 16, seed=1), T.randn(t, 2, 16, seed=2), _cu(list(lens))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda cu: cu.long(), "cu_seqlens_q must have dtype int32"),
+        (lambda cu: cu.float(), "cu_seqlens_q must have dtype int32"),
+        (lambda cu: cu.view(1, -1), "cu_seqlens_q must be 1-D"),
+        (lambda cu: torch.tensor([0, 8, 7], dtype=torch.int32), "cu_seqlens_q must be non-decreasing"),
+        (lambda cu: torch.tensor([1, 3, 7], dtype=torch.int32), "cu_seqlens_q must start at 0"),
+        (lambda cu: torch.tensor([0, 3, 6], dtype=torch.int32), r"cu_seqlens_q\[-1\] must equal the total rows"),
+        (lambda cu: torch.tensor([0, 3, 9], dtype=torch.int32), r"cu_seqlens_q\[-1\] must equal the total rows"),
+        (lambda cu: torch.tensor([0, 3, 4, 7], dtype=torch.int32), "same length"),
+        (lambda cu: "0,3,7", "cu_seqlens_q must be an int32 torch.Tensor"),
+    ],
+)
+def test_bad_cu_seqlens_q(mutate, match):
+    q, k, v, cu = _inputs()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fk.flash_attention_varlen(q, k, v, mutate(cu), cu, 4, 4)
+
+
+def test_bad_cu_seqlens_k_and_max_seqlen():
+    q, k, v, cu = _inputs()
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        fk.flash_attention_varlen(q, k, v, cu, torch.tensor([0, 8, 7], dtype=torch.int32), 4, 8)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] must equal the total rows k.shape\[0\] = 5, got 7"):
+        fk.flash_attention_varlen(q, k[:5], v[:5], cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="max_seqlen_q = 3 is smaller than the longest sequence"):
+        fk.flash_attention_varlen(q, k, v, cu, cu, 3, 4)
+    with pytest.raises(ValueError, match="max_seqlen_k = 2 is smaller"):
+        fk.flash_attention_varlen(q, k, v, cu, cu, 4, 2)
+    with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
+        fk.flash_attention_varlen(q, k, v, cu, cu, 4.0, 4)
+    if torch.device("meta") != q.device:
+        with pytest.raises(ValueError, match="cu_seqlens_k must be on q's device"):
+            fk.flash_attention_varlen(q, k, v, cu, cu.to("meta"), 4, 4)
+
+
+def test_bad_shapes():
+    q, k, v, cu = _inputs()
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        fk.flash_attention_varlen(q.unsqueeze(0), k, v, cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="multiple of k/v's head count"):
+        fk.flash_attention_varlen(q[:, :1], k, v, cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="head dim"):
+        fk.flash_attention_varlen(q, k[..., :8], v[..., :8], cu, cu, 4, 4)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+def test_cpu_op_refuses_bad_table_without_reading():
+    # the op called directly (no Python validation): the kernel's own host check refuses, no out-of-bounds read
+    q, k, v, cu = _inputs()
+    bad = torch.tensor([0, 100, 7], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, bad, bad, 100, 100, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="max_seqlen"):
+        torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, cu, cu, 2, 2, 0.25, -1, -1)

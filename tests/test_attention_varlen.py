@@ -248,3 +248,100 @@ def test_cpu_op_refuses_bad_table_without_reading():
         torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, bad, bad, 100, 100, 0.25, -1, -1)
     with pytest.raises(RuntimeError, match="max_seqlen"):
         torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, cu, cu, 2, 2, 0.25, -1, -1)
+
+
+# ------------------------------------------------------------------ padded batches: seqused_k / seqstart_k
+
+SEQ_BACKENDS = {dt: T.available_backends("flash_attention_seqused", "cpu", dt) for dt in DTYPES}
+
+
+def _padded_mask(B, Nq, Nk, start, end, causal, window):
+    left, right = window
+    if causal:
+        right = 0
+    j = torch.arange(Nk)
+    keys = ((j >= start.long()[:, None]) & (j < end.long()[:, None]))[:, None, None, :]  # (B, 1, 1, Nk)
+    m = attention_mask(Nq, Nk, left, right)
+    return keys if m is None else keys & m
+
+
+@pytest.mark.parametrize("backend", sorted(set().union(*SEQ_BACKENDS.values())))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pad", ["right", "left", "both"])
+@pytest.mark.parametrize("causal,window,nq", [(False, (-1, -1), 150), (True, (-1, -1), 150), (True, (-1, -1), 1),
+                                              (False, (20, 5), 150)], ids=["full", "causal", "decode", "window"])
+def test_seqused_k(backend, dtype, pad, causal, window, nq):
+    if backend not in SEQ_BACKENDS[dtype]:
+        pytest.skip(f"{backend} does not run {dtype} here")
+    B, Hq, Hkv, Nk, D = 4, 4, 2, 150, 40
+    lens = torch.tensor([150, 37, 1, 0], dtype=torch.int32)
+    kw, start = {}, torch.zeros(B, dtype=torch.int32)
+    if pad in ("right", "both"):
+        kw["seqused_k"] = lens
+    if pad in ("left", "both"):
+        start = (Nk - lens) if pad == "left" else torch.tensor([0, 60, 149, 3], dtype=torch.int32)
+        kw["seqstart_k"] = start
+    end = start + lens if "seqused_k" in kw else torch.full((B,), Nk, dtype=torch.int32)
+    q = T.randn(B, Hq, nq, D, dtype=dtype)
+    k = T.randn(B, Hkv, Nk, D, dtype=dtype, seed=1)
+    v = T.randn(B, Hkv, Nk, D, dtype=dtype, seed=2)
+    (qk, kk, vk), (qb, kb, vb) = [[t.detach().clone().requires_grad_(True) for t in (q, k, v)] for _ in range(2)]
+    qr, kr, vr = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fk.flash_attention(qk, kk, vk, causal=causal, window_size=window, return_lse=True, backend=backend,
+                                  **kw)
+    # the oracle: a dense boolean (B, 1, Nq, Nk) mask
+    mask = _padded_mask(B, nq, Nk, start, end, causal, window)
+    s = (qr @ kr.repeat_interleave(2, 1).transpose(-1, -2)) / D**0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    empty = ~mask.any(-1, keepdim=True)
+    ref = torch.softmax(s.masked_fill(empty, 0), -1).masked_fill(empty, 0) @ vr.repeat_interleave(2, 1)
+    base = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True).nan_to_num(0.0)
+    T.assert_close_to_reference(out, ref, base, name=f"{backend} out")
+    assert torch.equal(torch.isinf(lse), empty[..., 0].expand(B, Hq, nq))
+    g = T.randn(B, Hq, nq, D, seed=3)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    base.backward(g.to(dtype))
+    for name, a, r, b in (("dq", qk, qr, qb), ("dk", kk, kr, kb), ("dv", vk, vr, vb)):
+        T.assert_close_to_reference(a.grad, r.grad, b.grad.nan_to_num(0.0), name=f"{backend} {name}", dtype=dtype)
+
+
+def test_seqused_k_bad_input():
+    q = T.randn(2, 2, 8, 16)
+    lens = torch.tensor([8, 3], dtype=torch.int32)
+    with pytest.raises(TypeError, match="seqused_k must have dtype int32"):
+        fk.flash_attention(q, q, q, seqused_k=lens.long())
+    with pytest.raises(ValueError, match=r"seqused_k must have shape \(B,\) = \(2,\)"):
+        fk.flash_attention(q, q, q, seqused_k=lens[:1])
+    with pytest.raises(ValueError, match="seqused_k must be <= the keys N = k.shape\\[2\\] = 8, got 9"):
+        fk.flash_attention(q, q, q, seqused_k=torch.tensor([9, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqstart_k \\+ seqused_k must be <= the keys"):
+        fk.flash_attention(q, q, q, seqused_k=lens, seqstart_k=torch.tensor([1, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqused_k must be >= 0"):
+        fk.flash_attention(q, q, q, seqused_k=torch.tensor([-1, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqstart_k must be >= 0"):
+        fk.flash_attention(q, q, q, seqstart_k=torch.tensor([-1, 3], dtype=torch.int32))
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+def test_seqused_k_opcheck_and_compile():
+    q = T.randn(2, 4, 9, 40).requires_grad_(True)
+    k = T.randn(2, 2, 13, 40, seed=1).requires_grad_(True)
+    v = T.randn(2, 2, 13, 40, seed=2).requires_grad_(True)
+    ks, ke = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([7, 13], dtype=torch.int32)
+    fwd = torch.ops.fmkernels.flash_attention_range_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, ks, ke, 0.2, -1, 0))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), ks, ke, 0.2, -1, 0)
+    torch.library.opcheck(
+        torch.ops.fmkernels.flash_attention_range_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, ks, ke, 0.2, -1, 0),
+    )
+    with pytest.raises(RuntimeError, match="key_start <= key_end"):
+        fwd(q, k, v, ke, ks, 0.2, -1, 0)
+
+    def f(a, b, c, used):
+        return fk.flash_attention(a, b, c, causal=True, seqused_k=used).sum()
+
+    used = torch.tensor([13, 5], dtype=torch.int32)
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(g(q, k, v, used), f(q, k, v, used))

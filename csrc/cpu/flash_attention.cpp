@@ -35,6 +35,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -850,19 +852,64 @@ OutRows<T> out_rows(at::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// x (B, H, N, D) any strides -> `dtype` (B, H, NP, Dp) contiguous, each segment's rows [src, src + n) copied to
-// [dst, dst + n), zero elsewhere. keys: the key side (ko -> k0), else the query side (q0 -> qp0).
-at::Tensor pack_segments(const at::Tensor& x, const std::vector<Seg>& segs, bool keys, int64_t NP, int64_t Dp,
+// x (B, H, N, D) any strides (unit d stride) -> `dtype` (B, H, NP, Dp) contiguous, each segment's rows
+// [src, src + n) copied to [dst, dst + n), zero elsewhere. keys: the key side (ko -> k0; segments padded to BK
+// rows), else the query side (q0 -> qp0; padded to BQ). One pass, row by row, parallel over (segment, head):
+// ATen's copy of the transposed (total, H, D) view with a zero fill took ~2x longer (8 x 1024 rows, H8 D64).
+template <typename T, typename U>
+void pack_rows(const T* src, int64_t ssb, int64_t ssh, int64_t ssn, const std::vector<Seg>& segs, bool keys,
+               int64_t H, int64_t NP, int64_t D, int64_t Dp, U* dst) {
+  at::parallel_for(0, int64_t(segs.size()) * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const Seg& s = segs[task / H];
+      const int64_t h = task % H, n = keys ? s.nk : s.nq, rows = round_up(n, keys ? BK : BQ);
+      const T* sp = src + s.b * ssb + h * ssh + (keys ? s.ko : s.q0) * ssn;
+      U* dp = dst + ((s.b * H + h) * NP + (keys ? s.k0 : s.qp0)) * Dp;
+      for (int64_t r = 0; r < rows; ++r) {
+        U* d = dp + r * Dp;
+        int64_t j = 0;
+        if (r < n) {
+          const T* x = sp + r * ssn;
+          if constexpr (std::is_same_v<T, U>) {
+            std::memcpy(d, x, D * sizeof(T));
+            j = D;
+          } else {
+            for (; j < D; ++j) d[j] = static_cast<U>(static_cast<float>(x[j]));
+          }
+        }
+        for (; j < Dp; ++j) d[j] = U(0.0f);
+      }
+    }
+  });
+}
+
+at::Tensor pack_segments(const at::Tensor& x0, const std::vector<Seg>& segs, bool keys, int64_t NP, int64_t Dp,
                          at::ScalarType dtype) {
-  at::Tensor out = at::zeros({x.size(0), x.size(1), NP, Dp}, x.options().dtype(dtype));
-  const int64_t D = x.size(3);
-  for (const Seg& s : segs) {
-    const int64_t n = keys ? s.nk : s.nq;
-    if (n == 0) continue;
-    out.select(0, s.b).narrow(1, keys ? s.k0 : s.qp0, n).narrow(2, 0, D).copy_(
-        x.select(0, s.b).narrow(1, keys ? s.ko : s.q0, n));
-  }
+  const at::Tensor x = x0.stride(3) == 1 ? x0 : x0.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
+  int64_t covered = 0;
+  for (const Seg& s : segs) covered += round_up(keys ? s.nk : s.nq, keys ? BK : BQ);
+  at::Tensor out = covered == B * NP ? at::empty({B, H, NP, Dp}, x.options().dtype(dtype))
+                                     : at::zeros({B, H, NP, Dp}, x.options().dtype(dtype));
+  FMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pack_segments", [&] {
+    const scalar_t* sp = x.const_data_ptr<scalar_t>();
+    if (dtype == at::kFloat)
+      pack_rows<scalar_t, float>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                 out.data_ptr<float>());
+    else
+      pack_rows<scalar_t, bf16>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                out.data_ptr<bf16>());
+  });
   return out;
+}
+
+// True when every segment's keys already sit where the padded key layout puts them (each sequence a whole
+// number of key blocks): the fp32 path then reads k / v in place, as for a dense batch.
+bool keys_in_place(const std::vector<Seg>& segs, int64_t NK, int64_t NKP) {
+  if (NK != NKP) return false;
+  for (const Seg& s : segs)
+    if (s.k0 != s.ko || s.nk % BK != 0) return false;
+  return true;
 }
 
 // Segment tables. dense: one per batch entry, key range [kstart[b], kend[b]) when given (else all keys).
@@ -912,6 +959,7 @@ std::vector<Seg> varlen_segments(const at::Tensor& cu_q, const at::Tensor& cu_k,
 
 struct FwdTask {
   int64_t B, Hq, Hkv, NQ, NKP, nkb, D, Dp;  // NQ: q-side rows per head; NKP: padded key rows per head
+  bool qpacked = false;  // bf16 path: Q rows packed per segment (at qp0) rather than at q0
   std::vector<Seg> segs;
   std::vector<int64_t> start;  // first task of each segment (Hq * nqb tasks each), then the total
   float c;                     // softmax_scale * log2(e)
@@ -990,7 +1038,7 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
   });
 }
 
-void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp, OutRows<bf16> out, float* lse) {
+void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, OutRows<bf16> out, float* lse) {
   const Kernels kn = kernels();
   const int64_t grp = t.Hq / t.Hkv, ntask = t.start.back();
   std::atomic<int64_t> next{0};
@@ -1003,7 +1051,7 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
       const Mask& mask = sg.mask;
       const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
       const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
-      const bf16* Q = Qb + (bh * t.NQ + sg.q0 + r0) * t.Dp;
+      const bf16* Q = Qr.row(bh, (t.qpacked ? sg.qp0 : sg.q0) + r0);
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(lv.begin(), lv.end(), 0.0f);
@@ -1012,9 +1060,9 @@ void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp,
         const int64_t j0 = kb * BK;
         const bf16* ktp = Ktp + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
         if (M == BQ && t.c > 0.0f && mask.full(r0, r0 + M, j0)) {
-          qk_softmax_fused_bf16(t.Dp / 2, Q, t.Dp, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+          qk_softmax_fused_bf16(t.Dp / 2, Q, Qr.sn, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         } else {
-          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, ktp, BK, S.data(), BK, false);
+          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, Qr.sn, 2, ktp, BK, S.data(), BK, false);
           mask.apply(S.data(), r0, M, j0);
           softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         }
@@ -1274,7 +1322,7 @@ void flash_attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const 
 // (B, Hq, NQ, D) writable with a unit d stride; lse (B, Hq, NQ) contiguous fp32. dense: each segment's keys
 // are its batch entry's rows [0, NK) (padded in one piece), else they are repacked per segment at k0.
 void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& vv, std::vector<Seg> segs,
-                  int64_t NKP, bool dense, double scale, at::Tensor& outv, at::Tensor& lse) {
+                  int64_t NQP, int64_t NKP, bool dense, double scale, at::Tensor& outv, at::Tensor& lse) {
   FwdTask t;
   t.B = qv.size(0), t.Hq = qv.size(1), t.Hkv = kv.size(1), t.NQ = qv.size(2), t.D = qv.size(3);
   t.Dp = round_up(t.D, 16), t.NKP = NKP, t.nkb = NKP / BK;
@@ -1287,17 +1335,22 @@ void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& 
   };
   float* lp = lse.data_ptr<float>();
   if (use_bf16_path(qv)) {
-    const at::Tensor Qb = padded(qv, t.NQ, t.Dp, at::kBFloat16);
+    // Q read in place when it already is bf16 rows of Dp elements (any row / head strides)
+    const bool q_in_place = qv.scalar_type() == at::kBFloat16 && t.D == t.Dp && qv.stride(3) == 1;
+    t.qpacked = !q_in_place && !dense;
+    const at::Tensor Qb = q_in_place ? qv
+                          : dense    ? padded(qv, t.NQ, t.Dp, at::kBFloat16)
+                                     : pack_segments(qv, t.segs, false, NQP, t.Dp, at::kBFloat16);
     const at::Tensor Ktp = pairs_over_d(keys(kv, at::kBFloat16));
     const at::Tensor Vp = pairs_over_rows(keys(vv, at::kBFloat16));
-    fwd_bf16(t, Qb.const_data_ptr<bf16>(), Ktp.const_data_ptr<bf16>(), Vp.const_data_ptr<bf16>(),
+    fwd_bf16(t, rows_of<bf16>(Qb), Ktp.const_data_ptr<bf16>(), Vp.const_data_ptr<bf16>(),
              out_rows<bf16>(outv), lp);
     return;
   }
   at::Tensor qk, kk, vk;
   const Rows<float> Qr = rows_f32(qv, t.NQ, t.Dp, qk);
   Rows<float> Vr;
-  if (dense) {
+  if (dense || keys_in_place(t.segs, kv.size(2), NKP)) {
     Vr = rows_f32(vv, NKP, t.Dp, vk);
     rows_f32(kv, NKP, t.Dp, kk);
   } else {
@@ -1329,8 +1382,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, 
     flash_attention_fwd_decode(q, k, v, scale, window_left, window_right, out, lse);
     return {out, lse};
   }
-  fwd_segments(q, k, v, dense_segments(B, Nq, Nk, window_left, window_right), round_up(Nk, BK), true, scale, out,
-               lse);
+  fwd_segments(q, k, v, dense_segments(B, Nq, Nk, window_left, window_right), Nq, round_up(Nk, BK), true, scale,
+               out, lse);
   return {out, lse};
 }
 
@@ -1365,7 +1418,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_varlen_fwd_cpu(
   at::Tensor lse = at::empty({Hq, Tq}, q.options().dtype(at::kFloat));
   if (Tq == 0 || Hq == 0) return {out, lse};
   at::Tensor outv = as_bhnd(out), lsev = lse.unsqueeze(0);
-  fwd_segments(as_bhnd(q), as_bhnd(k), as_bhnd(v), std::move(segs), NKP, false, scale, outv, lsev);
+  fwd_segments(as_bhnd(q), as_bhnd(k), as_bhnd(v), std::move(segs), NQP, NKP, false, scale, outv, lsev);
   return {out, lse};
 }
 
@@ -1401,7 +1454,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_range_fwd_cpu(const at::Tenso
   at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
-  fwd_segments(q, k, v, std::move(segs), std::max<int64_t>(round_up(Nk, BK), BK), true, scale, out, lse);
+  fwd_segments(q, k, v, std::move(segs), Nq, std::max<int64_t>(round_up(Nk, BK), BK), true, scale, out, lse);
   return {out, lse};
 }
 
@@ -1657,7 +1710,7 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     at::Tensor qk, dok, kk, vk;
     const Rows<float> Qr = rows_f32(q, NQ, t.Dp, qk), dOr = rows_f32(grad_out, NQ, t.Dp, dok);
     Rows<float> Kr;
-    if (dense) {
+    if (dense || keys_in_place(t.segs, k.size(2), NKP)) {
       Kr = rows_f32(k, NKP, t.Dp, kk);
       rows_f32(v, NKP, t.Dp, vk);
     } else {
@@ -1728,10 +1781,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_bwd_cpu(
   std::vector<Seg> segs = varlen_segments(cu_seqlens_q, cu_seqlens_k, Tq, Tk, window_left, window_right, &NQP, &NKP,
                                           op);
   check_max_seqlen(segs, max_seqlen_q, max_seqlen_k, op);
-  at::Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  if (Tq == 0 || Tk == 0 || q.size(1) == 0) return {dq, dk, dv};
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);  // every row is written
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (Tq == 0 || Tk == 0 || q.size(1) == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
   at::Tensor dqv = as_bhnd(dq), dkv = as_bhnd(dk), dvv = as_bhnd(dv);
   bwd_segments(as_bhnd(grad_out), as_bhnd(q), as_bhnd(k), as_bhnd(v), as_bhnd(out), lse.unsqueeze(0), std::move(segs),
                NQP, NKP, false, scale, dqv, dkv, dvv);

@@ -353,3 +353,37 @@ def test_seqused_k_opcheck_and_compile():
     used = torch.tensor([13, 5], dtype=torch.int32)
     g = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(g(q, k, v, used), f(q, k, v, used))
+
+
+# ------------------------------------------------------------------ nn
+
+
+def test_nn_attention_packed_equals_documents_alone():
+    torch.manual_seed(0)
+    att = fk.nn.Attention(64, 4, 2).eval()
+    docs = [7, 1, 20]
+    x = torch.randn(1, sum(docs), 64)
+    cu = _cu(docs)
+    with torch.no_grad():
+        out = att(x, cu_seqlens=cu)
+        alone = torch.cat([att(x[:, s:s + n]) for s, n in zip(cu[:-1].tolist(), docs)], 1)
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nn_sdpa_seqused_k(causal):
+    q, k, v = (T.randn(2, 4, 12, 16, seed=s) for s in range(3))
+    used, start = torch.tensor([12, 5], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)
+    out = fk.nn.scaled_dot_product_attention(q, k, v, is_causal=causal, seqused_k=used, seqstart_k=start)
+    j = torch.arange(12)
+    mask = ((j >= start[:, None]) & (j < (start + used)[:, None]))[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(12, 12, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a case the kernel does not take (dropout) falls back to SDPA with the equivalent mask
+    with torch.no_grad():
+        fb = fk.nn.scaled_dot_product_attention(q, k, v, is_causal=causal, seqused_k=used, seqstart_k=start,
+                                                dropout_p=1e-9)
+    rows = mask.any(-1, keepdim=True).expand_as(out)
+    torch.testing.assert_close(fb[rows], ref[rows], rtol=1e-4, atol=1e-4)

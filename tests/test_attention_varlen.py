@@ -121,6 +121,17 @@ def test_all_empty_and_single(backend):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_cpu_portable_fallback(isa, monkeypatch):
+    """The non-AVX-512 path (what a CPU without AVX-512 runs) against the per-sequence reference."""
+    monkeypatch.setenv("FMK_CPU_ISA", isa)
+    assert fk._ext.cpu_ext().isa() in ("portable", "avx2")
+    for dtype in DTYPES:
+        _check("cpu", [70, 0, 1, 9], [70, 3, 1, 30], 4, 2, 40, dtype, causal=True)
+        _check("cpu", [1, 33], [33, 33], 2, 2, 16, dtype, window=(5, 0))
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lens", [[300], [64, 200, 1, 0, 90]], ids=["one-long", "mixed"])
 def test_cpu_backward_deterministic(dtype, lens):

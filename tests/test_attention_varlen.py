@@ -41,6 +41,11 @@ def _baseline(q, k, v, lens_q, lens_k, causal, window, scale):
 def _check(backend, lens_q, lens_k, Hq, Hkv, D, dtype, causal=False, window=(-1, -1), scale=None, seed=0):
     if backend not in BACKENDS[dtype]:
         pytest.skip(f"{backend} does not run {dtype} here")
+    if backend == "triton":
+        if dtype == torch.bfloat16:
+            pytest.skip("interpreter: bf16 arithmetic is wrong under TRITON_INTERPRET")
+        if sum(a * b for a, b in zip(lens_q, lens_k)) * Hq * max(D, 16) > 3 * 40 * 40 * 64:
+            pytest.skip("interpreter: tiny shapes only")
     Tq, Tk = sum(lens_q), sum(lens_k)
     cq, ck = _cu(lens_q), _cu(lens_k)
     q = T.randn(Tq, Hq, D, dtype=dtype, seed=seed)
@@ -113,6 +118,15 @@ def test_q_shorter_than_k(backend, dtype, causal):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_q_longer_than_k_causal_rows_without_keys(backend):
     _check(backend, [10, 70], [4, 65], 2, 1, 16, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (4, 2))],
+                         ids=["full", "causal", "window"])
+def test_small_all_backends(backend, dtype, causal, window):
+    # shapes the Triton interpreter runs: empty, single-token, q shorter than k, several blocks of 16, GQA 3:1
+    _check(backend, [1, 0, 20, 7, 3], [1, 2, 20, 33, 0], 3, 1, 24, dtype, causal, window)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -398,3 +412,18 @@ def test_nn_sdpa_seqused_k(causal):
                                                 dropout_p=1e-9)
     rows = mask.any(-1, keepdim=True).expand_as(out)
     torch.testing.assert_close(fb[rows], ref[rows], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS[torch.float32], reason="triton not importable")
+def test_triton_opcheck():
+    import fmkernels.triton.flash_attention_varlen  # noqa: F401  (registers the op)
+
+    lens_q, lens_k = [3, 0, 5], [4, 2, 7]
+    q = T.randn(sum(lens_q), 2, 16).requires_grad_(True)
+    k = T.randn(sum(lens_k), 1, 16, seed=1).requires_grad_(True)
+    v = T.randn(sum(lens_k), 1, 16, seed=2).requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.fmkernels.flash_attention_varlen_fwd_triton.default, (q, k, v, _cu(lens_q), _cu(lens_k), 5, 7, 0.25,
+                                                                        -1, 0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

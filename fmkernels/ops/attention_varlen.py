@@ -8,8 +8,9 @@ Schemas (defined once, here):
       int window_right) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)
   q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (batch + 1,); out like q (contiguous);
   lse: (Hq, total_q) fp32 (natural log). Causal is folded into window_right = 0 by the public function.
-Implemented by csrc/cpu/flash_attention.cpp (CPU key; the dense kernel's tiles run per sequence); the reference
-runs each sequence on its own through the dense reference.
+Implemented by csrc/cpu/flash_attention.cpp (CPU key; the dense kernel's tiles run per sequence) and
+fmkernels/triton/flash_attention_varlen.py (`fmkernels::flash_attention_varlen_*_triton`, the dense Triton kernels
+with a sequence axis); the reference runs each sequence on its own through the dense reference.
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def _compiled(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
     return torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
 
 
+def _triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
+    from ..triton import flash_attention_varlen as tri
+
+    return tri.flash_attention_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+
+
 def _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
     return ref.flash_attention_varlen(
         q, k, v, cu_q, cu_k, window_size=(left, right), softmax_scale=scale, return_lse=True
@@ -85,7 +92,10 @@ def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
     return None
 
 
-OP = _dispatch.op("flash_attention_varlen")
+OP = _dispatch.op("flash_attention_varlen", auto_order={"cuda": ("triton", "reference")})
+OP.register(
+    _dispatch.Backend("triton", _triton, devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",), check=_head_dim_ok)
+)
 OP.register(
     _dispatch.Backend("cpu", _compiled, devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",), check=_head_dim_ok)
 )
@@ -161,7 +171,7 @@ def flash_attention_varlen(
     at least the longest sequence. causal / window_size: as `flash_attention`, per sequence, bottom-right aligned
     (query i of a sequence with nq queries and nk keys sits at key position i + nk - nq). Rows that see no key give
     zeros (lse = -inf). return_lse: also return the fp32 log-sum-exp (Hq, total_q). Differentiable in q, k, v;
-    the CPU backward is deterministic. backend: "cpu" | "reference" forces one (default: the fastest that fits).
+    the CPU and Triton backwards are deterministic. backend: "cpu" | "triton" | "reference" forces one (default: the fastest that fits).
     """
     op = "fmkernels.flash_attention_varlen"
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -10,7 +10,8 @@ Schemas (defined once, here):
   lse: (Hq, total_q) fp32 (natural log). Causal is folded into window_right = 0 by the public function.
 Implemented by csrc/cpu/flash_attention.cpp (CPU key; the dense kernel's tiles run per sequence) and
 fmkernels/triton/flash_attention_varlen.py (`fmkernels::flash_attention_varlen_*_triton`, the dense Triton kernels
-with a sequence axis); the reference runs each sequence on its own through the dense reference.
+with a sequence axis) and csrc/cuda/flash_attention.cu (CUDA key, grid z = the sequence; compile-checked only);
+the reference runs each sequence on its own through the dense reference.
 """
 from __future__ import annotations
 
@@ -92,7 +93,11 @@ def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
     return None
 
 
-OP = _dispatch.op("flash_attention_varlen", auto_order={"cuda": ("triton", "reference")})
+# On GPUs Triton goes first (as for the dense op: the CUDA kernels are plain SIMT and compile-checked only).
+OP = _dispatch.op("flash_attention_varlen", auto_order={"cuda": ("triton", "cuda", "reference")})
+OP.register(
+    _dispatch.Backend("cuda", _compiled, devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",), check=_head_dim_ok)
+)
 OP.register(
     _dispatch.Backend("triton", _triton, devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",), check=_head_dim_ok)
 )
@@ -171,7 +176,7 @@ def flash_attention_varlen(
     at least the longest sequence. causal / window_size: as `flash_attention`, per sequence, bottom-right aligned
     (query i of a sequence with nq queries and nk keys sits at key position i + nk - nq). Rows that see no key give
     zeros (lse = -inf). return_lse: also return the fp32 log-sum-exp (Hq, total_q). Differentiable in q, k, v;
-    the CPU and Triton backwards are deterministic. backend: "cpu" | "triton" | "reference" forces one (default: the fastest that fits).
+    the CPU and Triton backwards are deterministic. backend: "cpu" | "cuda" | "triton" | "reference" forces one (default: the fastest that fits).
     """
     op = "fmkernels.flash_attention_varlen"
     for name, t in (("q", q), ("k", k), ("v", v)):

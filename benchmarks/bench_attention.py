@@ -6,6 +6,13 @@ backend cpu; plus peak memory of fwd+bwd at N=8192 (B=1, H=4, D=64, causal), our
 FMK_BENCH_FULL=1: the issue's full grid, D in {64, 128}, N in {512, 1024, 2048, 4096}, plus the reference
 backend at N <= 1024 (it materializes N x N in fp32).
 
+Varlen (test_attention_varlen*, `-k varlen`): 8 sequences, lengths drawn in [64, 2048] with seed 3
+([1555, 532, 1206, 836, 1919, 144, 1149, 964]: 45.9% padding when padded to the longest), H8 D64, fwd+bwd,
+fp32 and bf16, causal and not: flash_attention_varlen on the packed rows vs F.scaled_dot_product_attention on the
+padded batch with a boolean (B, 1, N, N) mask (key padding & causal), and fk.flash_attention(seqused_k=) on the
+same padded batch. Equal lengths (8 x 1024): flash_attention_varlen vs our dense kernel on (8, 8, 1024, 64).
+FLOPs count the real pairs only (sum over sequences), so GFLOP/s compare the useful work.
+
 Decoding (test_attention_decode): forward only, Nq in {1, 4, 16}, Nk=4096, Hkv in {8, 2}, fp32 and bf16.
 
 FLOPs: 4*B*H*Nq*Nk*D forward, halved for causal; backward 2.5x forward. Peak: fp32 FMA (bf16 runs are also
@@ -130,6 +137,95 @@ def test_attention_decode(benchmark, impl_name, dtype_name, nq, hkv):
         peer=impl_name == "torch SDPA", rounds=10,
         params={"nq": nq, "nk": DEC_NK, "hkv": hkv, "dtype": dtype_name, "mode": "decode"},
     )
+
+
+# ------------------------------------------------------------------ varlen: packed vs padded sequences
+
+VL_SEED, VL_B, VL_H, VL_D = 3, 8, 8, 64
+
+
+def _varlen_lengths(equal: bool) -> list[int]:
+    if equal:
+        return [1024] * VL_B
+    return torch.randint(64, 2049, (VL_B,), generator=torch.Generator().manual_seed(VL_SEED)).tolist()
+
+
+def _varlen_case(benchmark, impl_name, dtype_name, causal, equal):
+    dtype = DTYPES[dtype_name]
+    lens = _varlen_lengths(equal)
+    total, n = sum(lens), max(lens)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(total, VL_H, VL_D, generator=g).to(dtype) for _ in range(4))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    used = torch.tensor(lens, dtype=torch.int32)
+
+    def padded(x):  # (total, H, D) -> (B, H, n, D), zeros past each length
+        out = x.new_zeros(VL_B, n, VL_H, VL_D)
+        for b, (s, ln) in enumerate(zip(cu[:-1].tolist(), lens)):
+            out[b, :ln] = x[s:s + ln]
+        return out.transpose(1, 2).contiguous()
+
+    if impl_name == "fmk-varlen":
+        args = [q, k, v]
+
+        def run(a, b, c):
+            return fk.flash_attention_varlen(a, b, c, cu, cu, n, n, causal=causal, backend="cpu"), do
+    else:
+        args = [padded(x) for x in (q, k, v)]
+        dop = padded(do)
+        if impl_name == "torch SDPA + mask":
+            j = torch.arange(n)
+            mask = (j[None, :] < used[:, None])[:, None, None, :]  # (B, 1, 1, n) key padding
+            if causal:
+                mask = mask & torch.ones(n, n, dtype=torch.bool).tril()
+            mask = mask.expand(VL_B, 1, n, n).contiguous()  # what transformers builds from a 2-D mask
+
+            def run(a, b, c):
+                return F.scaled_dot_product_attention(a, b, c, attn_mask=mask), dop
+        elif impl_name == "fmk-seqused_k":
+
+            def run(a, b, c):
+                return fk.flash_attention(a, b, c, causal=causal, seqused_k=used, backend="cpu"), dop
+        else:  # fmk-dense: our dense kernel (equal lengths: the same problem, no padding)
+
+            def run(a, b, c):
+                return fk.flash_attention(a, b, c, causal=causal, backend="cpu"), dop
+    for t in args:
+        t.requires_grad_(True)
+
+    def fn():
+        for t in args:
+            t.grad = None
+        out, grad = run(*args)
+        out.backward(grad)
+
+    pairs = sum(ln * (ln + 1) / 2 if causal else ln * ln for ln in lens)
+    what = "equal lengths 8x1024" if equal else "lengths " + "/".join(map(str, lens))
+    measure(
+        benchmark, fn, group=f"attention varlen fwd+bwd {dtype_name} H{VL_H} D{VL_D} {what}{' causal' if causal else ''}",
+        label=impl_name, flops=4.0 * VL_H * VL_D * pairs * 3.5, peak="fp32_gflops",
+        peer=impl_name in ("torch SDPA + mask", "fmk-dense"), rounds=3,
+        params={"lens": lens, "causal": causal, "dtype": dtype_name, "mode": "varlen fwd+bwd"},
+    )
+
+
+VL_GRID = [pytest.param(dt, c, id=f"{dt}-{'causal' if c else 'full'}") for dt in DTYPES for c in (True, False)]
+
+
+@pytest.mark.parametrize("impl_name", ["fmk-varlen", "fmk-seqused_k", "torch SDPA + mask"])
+@pytest.mark.parametrize("dtype_name,causal", VL_GRID)
+def test_attention_varlen_vs_padded(benchmark, impl_name, dtype_name, causal):
+    if "cpu" not in available_backends("flash_attention_varlen", "cpu"):
+        pytest.skip("CPU extension not built")
+    _varlen_case(benchmark, impl_name, dtype_name, causal, equal=False)
+
+
+@pytest.mark.parametrize("impl_name", ["fmk-varlen", "fmk-dense"])
+@pytest.mark.parametrize("dtype_name,causal", VL_GRID)
+def test_attention_varlen_equal_lengths(benchmark, impl_name, dtype_name, causal):
+    if "cpu" not in available_backends("flash_attention_varlen", "cpu"):
+        pytest.skip("CPU extension not built")
+    _varlen_case(benchmark, impl_name, dtype_name, causal, equal=True)
 
 
 # ------------------------------------------------------------------ peak memory, N = 8192

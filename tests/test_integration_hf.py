@@ -90,9 +90,18 @@ def test_attention_function_contract(causal, nq, nk):
     assert w is None and out.shape == (2, nq, 4, 16)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert mod._fmkernels_stats == {"attention_fused": 1}
-    # a padding mask (bool, True = attend) cannot be expressed by the kernel: reference path, counted
+    # a key-padding mask (bool, True = attend; left padding, with and without the causal part): the kernel with
+    # seqstart_k / seqused_k
     mask = torch.ones(2, 1, nq, nk, dtype=torch.bool)
     mask[1, ..., :2] = False
+    for m in (mask, mask & torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)):
+        out, _ = fn(mod, q, k, v, m, dropout=0.0, scaling=0.3)
+        ref, _ = sdpa_attention_forward(mod, q, k, v, m, dropout=0.0, scaling=0.3)
+        rows = m[:, 0].any(-1)[:, :, None, None].expand_as(out)  # rows that see no key: 0 here, NaN or 0 in SDPA
+        torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    assert mod._fmkernels_stats["attention_fused_varlen"] == 2
+    # a mask with a hole cannot be expressed by the kernels: reference path, counted
+    mask[0, ..., 1] = False
     out, _ = fn(mod, q, k, v, mask, dropout=0.0, scaling=0.3)
     ref, _ = sdpa_attention_forward(mod, q, k, v, mask, dropout=0.0, scaling=0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -118,7 +127,8 @@ def test_llama_family_patched_matches(family):
     am[1, 17:] = 0
     torch.testing.assert_close(m(ids, attention_mask=am).logits, ref(ids, attention_mask=am).logits,
                                rtol=1e-4, atol=1e-4)
-    assert report.calls["attention_fused"] >= 2 and report.calls["attention_fallback_mask"] >= 2
+    assert report.calls["attention_fused"] >= 2 and report.calls["attention_fused_varlen"] >= 2
+    assert not report.fallbacks
     # training step: loss and gradients
     m.train()
     ref.train()
@@ -164,8 +174,9 @@ def test_llama_generate_kv_cache_identical_tokens():
     g_ref = ref.generate(ids, attention_mask=am, **kw)
     g = m.generate(ids, attention_mask=am, **kw)
     assert torch.equal(g, g_ref)
-    fallbacks = report.calls.get("attention_fallback_mask", 0)
-    assert fallbacks > 0  # left padding: every step has a padding mask
+    assert not report.fallbacks  # left padding: every step's padding mask runs the kernel (seqstart_k)
+    assert report.calls["attention_fused_varlen"] == 2 * 10  # 2 layers x (1 prefill + 9 decode steps)
+    fallbacks = 0
     # unpadded batch: prefill causal and decode steps (Nq = 1, Nk > 1) through the fused kernel
     ids2 = torch.randint(3, 256, (2, 12))
     fused = report.calls.get("attention_fused", 0)

@@ -35,6 +35,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -54,14 +56,24 @@ constexpr float kRescale = 8.0f;  // lazy online-softmax rescale threshold (log2
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Which keys each query row sees (FlashAttention-2 bottom-right alignment).
+// Which keys each query row sees (FlashAttention-2 bottom-right alignment), within keys [klo, khi) (a padded
+// batch's valid keys; [0, nk) otherwise).
 struct Mask {
   int64_t nq, nk, off, left, right;  // off = nk - nq; left/right < 0: unbounded
-  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + off - left); }
-  int64_t hi(int64_t i) const { return right < 0 ? nk : std::min<int64_t>(nk, i + off + right + 1); }
-  // Query rows that see at least one key of [j0, j1).
-  int64_t qlo(int64_t j0) const { return right < 0 ? 0 : std::max<int64_t>(0, j0 - off - right); }
-  int64_t qhi(int64_t j1) const { return left < 0 ? nq : std::min<int64_t>(nq, j1 - off + left); }
+  int64_t klo = 0, khi = -1;         // khi < 0: nk
+  static Mask of(int64_t nq, int64_t nk, int64_t left, int64_t right, int64_t klo = 0, int64_t khi = -1) {
+    Mask m{nq, nk, nk - nq, left, right, klo, khi < 0 ? nk : khi};
+    return m;
+  }
+  int64_t lo(int64_t i) const { return std::max<int64_t>(klo, left < 0 ? 0 : i + off - left); }
+  int64_t hi(int64_t i) const { return std::min<int64_t>(khi, right < 0 ? nk : i + off + right + 1); }
+  // Query rows [first, second) that see at least one key of [j0, j1) (empty: first >= second).
+  std::pair<int64_t, int64_t> rows_of_keys(int64_t j0, int64_t j1) const {
+    j0 = std::max(j0, klo);
+    j1 = std::min(j1, khi);
+    if (j1 <= j0) return {0, 0};
+    return {right < 0 ? 0 : std::max<int64_t>(0, j0 - off - right), left < 0 ? nq : std::min<int64_t>(nq, j1 - off + left)};
+  }
   // True when every (row in [r0, r1), key in [j0, j0 + BK)) pair is visible (and j0 + BK <= nk).
   bool full(int64_t r0, int64_t r1, int64_t j0) const {
     return j0 + BK <= nk && lo(r1 - 1) <= j0 && hi(r0) >= j0 + BK;
@@ -83,8 +95,9 @@ struct Mask {
   // Same on a transposed tile st (BK keys x BQ queries, row-major): key j0 + j, queries r0 + i.
   void apply_t(float* st, int64_t r0, int64_t j0) const {
     for (int64_t j = 0; j < BK; ++j) {
-      const int64_t a = std::clamp<int64_t>(qlo(j0 + j) - r0, 0, BQ);
-      const int64_t b = std::clamp<int64_t>(j0 + j < nk ? qhi(j0 + j + 1) - r0 : 0, 0, BQ);
+      const auto [qa, qb] = rows_of_keys(j0 + j, j0 + j + 1);
+      const int64_t a = std::clamp<int64_t>(qa - r0, 0, BQ);
+      const int64_t b = std::clamp<int64_t>(qb - r0, 0, BQ);
       float* row = st + j * BQ;
       if (b <= a) {
         std::fill(row, row + BQ, kNegInf);
@@ -804,12 +817,166 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 
 bool use_bf16_path(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 && use_avx512_bf16(); }
 
+// ================================================================ segments
+// Every kernel below runs over a list of segments: one attention problem each, on rows of (B, H, N, D)-shaped
+// operands. The dense op has one segment per batch entry; the varlen op views its packed (total, H, D) operands
+// as (1, H, total, D) and has one segment per sequence (cu_seqlens); a padded batch with per-entry key ranges
+// keeps the dense layout with a key range in each segment's mask.
+struct Seg {
+  int64_t b;    // batch index in the (B, H, ...) operands
+  int64_t q0;   // first query row in the unpadded q-side rows (q, out, lse, delta, dq)
+  int64_t qp0;  // first query row in the padded q-side buffers (bf16 backward; multiple of BQ)
+  int64_t nq;
+  int64_t k0;   // first key row in the padded key buffers (multiple of BK)
+  int64_t ko;   // first key row in the unpadded k-side rows (k, v, dk, dv)
+  int64_t nk;
+  Mask mask;
+  int64_t nqb() const { return (nq + BQ - 1) / BQ; }
+  int64_t nkb() const { return (nk + BK - 1) / BK; }
+};
+
+// Larger problems first, so that the shared task counter does not end on one long sequence.
+void order_by_cost(std::vector<Seg>& segs) {
+  std::stable_sort(segs.begin(), segs.end(), [](const Seg& a, const Seg& b) { return a.nq * a.nk > b.nq * b.nk; });
+}
+
+// Writable rows of a (B, H, N, D) view with a unit d stride: row r of (b, h) at p + b * sb + h * sh + r * sn.
+template <typename T>
+struct OutRows {
+  T* p;
+  int64_t sb, sh, sn;
+  T* row(int64_t b, int64_t h, int64_t r) const { return p + b * sb + h * sh + r * sn; }
+};
+template <typename T>
+OutRows<T> out_rows(at::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// x (B, H, N, D) any strides (unit d stride) -> `dtype` (B, H, NP, Dp) contiguous, each segment's rows
+// [src, src + n) copied to [dst, dst + n), zero elsewhere. keys: the key side (ko -> k0; segments padded to BK
+// rows), else the query side (q0 -> qp0; padded to BQ). One pass, row by row, parallel over (segment, head):
+// ATen's copy of the transposed (total, H, D) view with a zero fill took ~2x longer (8 x 1024 rows, H8 D64).
+template <typename T, typename U>
+void pack_rows(const T* src, int64_t ssb, int64_t ssh, int64_t ssn, const std::vector<Seg>& segs, bool keys,
+               int64_t H, int64_t NP, int64_t D, int64_t Dp, U* dst) {
+  at::parallel_for(0, int64_t(segs.size()) * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const Seg& s = segs[task / H];
+      const int64_t h = task % H, n = keys ? s.nk : s.nq, rows = round_up(n, keys ? BK : BQ);
+      const T* sp = src + s.b * ssb + h * ssh + (keys ? s.ko : s.q0) * ssn;
+      U* dp = dst + ((s.b * H + h) * NP + (keys ? s.k0 : s.qp0)) * Dp;
+      for (int64_t r = 0; r < rows; ++r) {
+        U* d = dp + r * Dp;
+        int64_t j = 0;
+        if (r < n) {
+          const T* x = sp + r * ssn;
+          if constexpr (std::is_same_v<T, U>) {
+            std::memcpy(d, x, D * sizeof(T));
+            j = D;
+          } else {
+            for (; j < D; ++j) d[j] = static_cast<U>(static_cast<float>(x[j]));
+          }
+        }
+        for (; j < Dp; ++j) d[j] = U(0.0f);
+      }
+    }
+  });
+}
+
+at::Tensor pack_segments(const at::Tensor& x0, const std::vector<Seg>& segs, bool keys, int64_t NP, int64_t Dp,
+                         at::ScalarType dtype) {
+  const at::Tensor x = x0.stride(3) == 1 ? x0 : x0.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
+  int64_t covered = 0;
+  for (const Seg& s : segs) covered += round_up(keys ? s.nk : s.nq, keys ? BK : BQ);
+  at::Tensor out = covered == B * NP ? at::empty({B, H, NP, Dp}, x.options().dtype(dtype))
+                                     : at::zeros({B, H, NP, Dp}, x.options().dtype(dtype));
+  FMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pack_segments", [&] {
+    const scalar_t* sp = x.const_data_ptr<scalar_t>();
+    if (dtype == at::kFloat)
+      pack_rows<scalar_t, float>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                 out.data_ptr<float>());
+    else
+      pack_rows<scalar_t, bf16>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                out.data_ptr<bf16>());
+  });
+  return out;
+}
+
+// True when every segment's keys already sit where the padded key layout puts them (each sequence a whole
+// number of key blocks): the fp32 path then reads k / v in place, as for a dense batch.
+bool keys_in_place(const std::vector<Seg>& segs, int64_t NK, int64_t NKP) {
+  if (NK != NKP) return false;
+  for (const Seg& s : segs)
+    if (s.k0 != s.ko || s.nk % BK != 0) return false;
+  return true;
+}
+
+// Segment tables. dense: one per batch entry, key range [kstart[b], kend[b]) when given (else all keys).
+// B * one (nq, nk) problem; padded buffers have round_up(nk, BK) key rows and round_up(nq, BQ) query rows.
+std::vector<Seg> dense_segments(int64_t B, int64_t Nq, int64_t Nk, int64_t left, int64_t right,
+                                const int32_t* kstart = nullptr, const int32_t* kend = nullptr) {
+  std::vector<Seg> segs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t klo = kstart ? kstart[b] : 0, khi = kend ? kend[b] : Nk;
+    segs[b] = Seg{b, 0, 0, Nq, 0, 0, Nk, Mask::of(Nq, Nk, left, right, klo, khi)};
+  }
+  return segs;
+}
+
+// varlen: sequence s has queries [cq[s], cq[s+1]) and keys [ck[s], ck[s+1]) of the packed operands (checked
+// here again, so that a bad table cannot make a kernel read out of bounds). Returns the padded row counts.
+std::vector<Seg> varlen_segments(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t Tq, int64_t Tk, int64_t left,
+                                 int64_t right, int64_t* NQP, int64_t* NKP, const char* op) {
+  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt, op,
+              ": cu_seqlens_q and cu_seqlens_k must be int32");
+  TORCH_CHECK(cu_q.device().is_cpu() && cu_k.device().is_cpu(), op, ": cu_seqlens must be CPU tensors");
+  TORCH_CHECK(cu_q.dim() == 1 && cu_k.dim() == 1 && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1, op,
+              ": cu_seqlens_q and cu_seqlens_k must be 1-D of the same length batch + 1, got ", cu_q.sizes(), " and ",
+              cu_k.sizes());
+  const at::Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
+  const int32_t* pq = cq.const_data_ptr<int32_t>();
+  const int32_t* pk = ck.const_data_ptr<int32_t>();
+  const int64_t S = cq.numel() - 1;
+  TORCH_CHECK(pq[0] == 0 && pk[0] == 0 && pq[S] == Tq && pk[S] == Tk, op,
+              ": cu_seqlens must start at 0 and end at the total rows (", Tq, " queries, ", Tk, " keys)");
+  std::vector<Seg> segs;
+  segs.reserve(S);
+  int64_t qp = 0, kp = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t nq = int64_t(pq[s + 1]) - pq[s], nk = int64_t(pk[s + 1]) - pk[s];
+    TORCH_CHECK(nq >= 0 && nk >= 0, op, ": cu_seqlens must be non-decreasing (sequence ", s, ")");
+    segs.push_back(Seg{0, pq[s], qp, nq, kp, pk[s], nk, Mask::of(nq, nk, left, right)});
+    qp += round_up(nq, BQ);
+    kp += round_up(nk, BK);
+  }
+  *NQP = std::max<int64_t>(qp, BQ);
+  *NKP = std::max<int64_t>(kp, BK);
+  return segs;
+}
+
 // ================================================================ forward
 
 struct FwdTask {
-  int64_t B, Hq, Hkv, Nq, Nk, D, Dp, Nkp, nqb, nkb;
-  Mask mask;
-  float c;  // softmax_scale * log2(e)
+  int64_t B, Hq, Hkv, NQ, NKP, nkb, D, Dp;  // NQ: q-side rows per head; NKP: padded key rows per head
+  bool qpacked = false;  // bf16 path: Q rows packed per segment (at qp0) rather than at q0
+  std::vector<Seg> segs;
+  std::vector<int64_t> start;  // first task of each segment (Hq * nqb tasks each), then the total
+  float c;                     // softmax_scale * log2(e)
+  void plan() {
+    order_by_cost(segs);
+    start.assign(1, 0);
+    for (const Seg& s : segs) start.push_back(start.back() + Hq * s.nqb());
+  }
+  // task -> (segment, query head, query block); blocks of a head alternate cheap and costly causal ones.
+  const Seg& locate(int64_t task, int64_t* h, int64_t* qb) const {
+    const int64_t si = std::upper_bound(start.begin(), start.end(), task) - start.begin() - 1;
+    const Seg& s = segs[si];
+    const int64_t nqb = s.nqb(), local = task - start[si], z = local % nqb;
+    *h = local / nqb;
+    *qb = (z % 2 == 0) ? z / 2 : nqb - 1 - z / 2;
+    return s;
+  }
 };
 
 void fwd_finalize(float* O, int64_t Dp, const float* m, const float* l, int64_t M, float* lse, const Kernels& kn) {
@@ -825,84 +992,86 @@ void fwd_finalize(float* O, int64_t Dp, const float* m, const float* l, int64_t 
 }
 
 template <typename T>
-void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr, T* out, float* lse) {
+void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr, OutRows<T> out, float* lse) {
   const Kernels kn = kernels();
-  const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hq * t.nqb;
+  const int64_t grp = t.Hq / t.Hkv, ntask = t.start.back();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
-      const int64_t bh = task / t.nqb, z = task % t.nqb;
-      const int64_t qb = (z % 2 == 0) ? z / 2 : t.nqb - 1 - z / 2;  // pair cheap and costly causal blocks
-      const int64_t b = bh / t.Hq, h = bh % t.Hq, hk = h / grp;
-      const int64_t r0 = qb * BQ, M = std::min(BQ, t.Nq - r0);
-      const float* Q = Qr.row(bh, r0);
+      int64_t h, qb;
+      const Seg& sg = t.locate(task, &h, &qb);
+      const Mask& mask = sg.mask;
+      const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
+      const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
+      const float* Q = Qr.row(bh, sg.q0 + r0);
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
-      const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
+      const int64_t klo = mask.lo(r0), khi = mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
-        const float* ktb = Kt + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK;
-        const float* vb = Vr.row(b * t.Hkv + hk, j0);
-        const bool full = t.mask.full(r0, r0 + M, j0);
+        const float* ktb = Kt + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
+        const float* vb = Vr.row(bhk, sg.k0 + j0);
+        const bool full = mask.full(r0, r0 + M, j0);
         // rows [i0, i0 + rows) against the block's first `keys` keys
         const auto part = [&](int64_t i0, int64_t rows, int64_t keys) {
           float* s = S.data() + i0 * BK;
           kn.abt(rows, keys, t.D, Q + i0 * Qr.sn, Qr.sn, ktb, BK, s, BK);
-          if (!full) t.mask.apply(s, r0 + i0, rows, j0);
+          if (!full) mask.apply(s, r0 + i0, rows, j0);
           for (int64_t i = i0; i < i0 + rows; ++i) {
             const float alpha = kn.softmax_row(S.data() + i * BK, keys, t.c, &m[i], &l[i]);
             if (alpha != 1.0f) kn.scale_row(O.data() + i * t.Dp, t.Dp, alpha);
           }
           kn.ab(rows, t.Dp, keys, s, BK, 1, vb, Vr.sn, O.data() + i0 * t.Dp, t.Dp);
         };
-        if (diagonal_split(t.mask, r0, M, j0)) {
+        if (diagonal_split(mask, r0, M, j0)) {
           part(0, kHalf, kHalf);
           part(kHalf, M - kHalf, BK);
         } else {
           part(0, M, BK);
         }
       }
-      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
-      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
+      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn);
+      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out.row(b, h, sg.q0 + r0), out.sn);
     }
   });
 }
 
-void fwd_bf16(const FwdTask& t, const bf16* Qb, const bf16* Ktp, const bf16* Vp, bf16* out, float* lse) {
+void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, OutRows<bf16> out, float* lse) {
   const Kernels kn = kernels();
-  const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hq * t.nqb;
+  const int64_t grp = t.Hq / t.Hkv, ntask = t.start.back();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ), lv(BQ * 16);
     std::vector<bf16> P(BQ * BK);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
-      const int64_t bh = task / t.nqb, z = task % t.nqb;
-      const int64_t qb = (z % 2 == 0) ? z / 2 : t.nqb - 1 - z / 2;
-      const int64_t b = bh / t.Hq, h = bh % t.Hq, hk = h / grp;
-      const int64_t r0 = qb * BQ, M = std::min(BQ, t.Nq - r0);
-      const bf16* Q = Qb + (bh * t.Nq + r0) * t.Dp;
+      int64_t h, qb;
+      const Seg& sg = t.locate(task, &h, &qb);
+      const Mask& mask = sg.mask;
+      const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
+      const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
+      const bf16* Q = Qr.row(bh, (t.qpacked ? sg.qp0 : sg.q0) + r0);
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(lv.begin(), lv.end(), 0.0f);
-      const int64_t klo = t.mask.lo(r0), khi = t.mask.hi(r0 + M - 1);
+      const int64_t klo = mask.lo(r0), khi = mask.hi(r0 + M - 1);
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
         const int64_t j0 = kb * BK;
-        const bf16* ktp = Ktp + ((b * t.Hkv + hk) * t.nkb + kb) * t.Dp * BK;
-        if (M == BQ && t.c > 0.0f && t.mask.full(r0, r0 + M, j0)) {
-          qk_softmax_fused_bf16(t.Dp / 2, Q, t.Dp, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+        const bf16* ktp = Ktp + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
+        if (M == BQ && t.c > 0.0f && mask.full(r0, r0 + M, j0)) {
+          qk_softmax_fused_bf16(t.Dp / 2, Q, Qr.sn, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         } else {
-          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, ktp, BK, S.data(), BK, false);
-          t.mask.apply(S.data(), r0, M, j0);
+          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, Qr.sn, 2, ktp, BK, S.data(), BK, false);
+          mask.apply(S.data(), r0, M, j0);
           softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         }
-        gemm_bf16_avx512<BK, 2>(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + ((b * t.Hkv + hk) * t.Nkp + j0) * t.Dp, t.Dp,
-                         O.data(), t.Dp, true);
+        gemm_bf16_avx512<BK, 2>(M, t.Dp, BK / 2, P.data(), BK, 2, Vp + (bhk * t.NKP + sg.k0 + j0) * t.Dp, t.Dp,
+                                O.data(), t.Dp, true);
       }
       reduce_rows16_avx512(lv.data(), M, l.data());
-      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.Nq + r0, kn);
-      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out + (bh * t.Nq + r0) * t.D, t.D);
+      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn);
+      store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out.row(b, h, sg.q0 + r0), out.sn);
     }
   });
 }
@@ -1141,11 +1310,57 @@ void flash_attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const 
   t.nchunk = std::clamp<int64_t>((32 + B * Hkv - 1) / (B * Hkv), 1, std::max<int64_t>(1, Nk / kDecodeSub));
   t.chunk = round_up((Nk + t.nchunk - 1) / t.nchunk, 16);
   t.nchunk = (Nk + t.chunk - 1) / t.chunk;
-  t.mask = Mask{Nq, Nk, Nk - Nq, window_left, window_right};
+  t.mask = Mask::of(Nq, Nk, window_left, window_right);
   t.c = static_cast<float>(scale) * kLog2e;
   FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_fwd_decode", [&] {
     fwd_decode<scalar_t>(t, Qf.const_data_ptr<float>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
                          out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+}
+
+// The tiled forward over segments. qv (B, Hq, NQ, D) and kv, vv (B, Hkv, NK, D): views, any strides; outv
+// (B, Hq, NQ, D) writable with a unit d stride; lse (B, Hq, NQ) contiguous fp32. dense: each segment's keys
+// are its batch entry's rows [0, NK) (padded in one piece), else they are repacked per segment at k0.
+void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& vv, std::vector<Seg> segs,
+                  int64_t NQP, int64_t NKP, bool dense, double scale, at::Tensor& outv, at::Tensor& lse) {
+  FwdTask t;
+  t.B = qv.size(0), t.Hq = qv.size(1), t.Hkv = kv.size(1), t.NQ = qv.size(2), t.D = qv.size(3);
+  t.Dp = round_up(t.D, 16), t.NKP = NKP, t.nkb = NKP / BK;
+  t.segs = std::move(segs);
+  t.c = static_cast<float>(scale) * kLog2e;
+  t.plan();
+  if (t.start.back() == 0) return;
+  const auto keys = [&](const at::Tensor& x, at::ScalarType dt) {
+    return dense ? padded(x, NKP, t.Dp, dt) : pack_segments(x, t.segs, true, NKP, t.Dp, dt);
+  };
+  float* lp = lse.data_ptr<float>();
+  if (use_bf16_path(qv)) {
+    // Q read in place when it already is bf16 rows of Dp elements (any row / head strides)
+    const bool q_in_place = qv.scalar_type() == at::kBFloat16 && t.D == t.Dp && qv.stride(3) == 1;
+    t.qpacked = !q_in_place && !dense;
+    const at::Tensor Qb = q_in_place ? qv
+                          : dense    ? padded(qv, t.NQ, t.Dp, at::kBFloat16)
+                                     : pack_segments(qv, t.segs, false, NQP, t.Dp, at::kBFloat16);
+    const at::Tensor Ktp = pairs_over_d(keys(kv, at::kBFloat16));
+    const at::Tensor Vp = pairs_over_rows(keys(vv, at::kBFloat16));
+    fwd_bf16(t, rows_of<bf16>(Qb), Ktp.const_data_ptr<bf16>(), Vp.const_data_ptr<bf16>(),
+             out_rows<bf16>(outv), lp);
+    return;
+  }
+  at::Tensor qk, kk, vk;
+  const Rows<float> Qr = rows_f32(qv, t.NQ, t.Dp, qk);
+  Rows<float> Vr;
+  if (dense || keys_in_place(t.segs, kv.size(2), NKP)) {
+    Vr = rows_f32(vv, NKP, t.Dp, vk);
+    rows_f32(kv, NKP, t.Dp, kk);
+  } else {
+    vk = keys(vv, at::kFloat);
+    kk = keys(kv, at::kFloat);
+    Vr = rows_of<float>(vk);
+  }
+  const at::Tensor Kt = block_transpose(kk);
+  FMK_DISPATCH_FLOAT_TYPES(qv.scalar_type(), "flash_attention_fwd_cpu", [&] {
+    fwd_fp32<scalar_t>(t, Qr, Kt.const_data_ptr<float>(), Vr, out_rows<scalar_t>(outv), lp);
   });
 }
 
@@ -1154,7 +1369,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, 
                                                           int64_t window_right) {
   const char* op = "fmkernels::flash_attention_fwd";
   check_qkv(q, k, v, op);
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
@@ -1167,74 +1382,144 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, 
     flash_attention_fwd_decode(q, k, v, scale, window_left, window_right, out, lse);
     return {out, lse};
   }
-  FwdTask t;
-  t.B = B, t.Hq = Hq, t.Hkv = Hkv, t.Nq = Nq, t.Nk = Nk, t.D = D;
-  t.Dp = round_up(D, 16), t.Nkp = round_up(Nk, BK), t.nqb = (Nq + BQ - 1) / BQ, t.nkb = t.Nkp / BK;
-  t.mask = Mask{Nq, Nk, Nk - Nq, window_left, window_right};
-  t.c = static_cast<float>(scale) * kLog2e;
-  float* lp = lse.data_ptr<float>();
-  if (use_bf16_path(q)) {
-    const at::Tensor Qb = padded_bf16(q, Nq, t.Dp);
-    const at::Tensor Ktp = pairs_over_d(padded_bf16(k, t.Nkp, t.Dp));
-    const at::Tensor Vp = pairs_over_rows(padded_bf16(v, t.Nkp, t.Dp));
-    fwd_bf16(t, Qb.const_data_ptr<bf16>(), Ktp.const_data_ptr<bf16>(), Vp.const_data_ptr<bf16>(),
-             out.data_ptr<bf16>(), lp);
-    return {out, lse};
+  fwd_segments(q, k, v, dense_segments(B, Nq, Nk, window_left, window_right), Nq, round_up(Nk, BK), true, scale,
+               out, lse);
+  return {out, lse};
+}
+
+// ================================================================ varlen and key ranges
+
+// q (Tq, Hq, D), k/v (Tk, Hkv, D) -> (1, H, T, D) views after the dense checks.
+void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
+    TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be 3-D (total, H, D), got shape ", t->sizes());
+  check_qkv(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), op);
+}
+at::Tensor as_bhnd(const at::Tensor& x) { return x.transpose(0, 1).unsqueeze(0); }
+
+void check_max_seqlen(const std::vector<Seg>& segs, int64_t max_q, int64_t max_k, const char* op) {
+  for (const Seg& s : segs)
+    TORCH_CHECK(s.nq <= max_q && s.nk <= max_k, op, ": max_seqlen_q / max_seqlen_k (", max_q, ", ", max_k,
+                ") are smaller than a sequence (", s.nq, " queries, ", s.nk, " keys)");
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right) {
+  const char* op = "fmkernels::flash_attention_varlen_fwd";
+  check_varlen_qkv(q, k, v, op);
+  const int64_t Tq = q.size(0), Hq = q.size(1), D = q.size(2);
+  int64_t NQP, NKP;
+  std::vector<Seg> segs = varlen_segments(cu_seqlens_q, cu_seqlens_k, Tq, k.size(0), window_left, window_right,
+                                          &NQP, &NKP, op);
+  check_max_seqlen(segs, max_seqlen_q, max_seqlen_k, op);
+  at::Tensor out = at::empty({Tq, Hq, D}, q.options());
+  at::Tensor lse = at::empty({Hq, Tq}, q.options().dtype(at::kFloat));
+  if (Tq == 0 || Hq == 0) return {out, lse};
+  at::Tensor outv = as_bhnd(out), lsev = lse.unsqueeze(0);
+  fwd_segments(as_bhnd(q), as_bhnd(k), as_bhnd(v), std::move(segs), NQP, NKP, false, scale, outv, lsev);
+  return {out, lse};
+}
+
+// key_start / key_end (B,) int32: batch entry b attends to keys [key_start[b], key_end[b]) only (a padded batch;
+// masks keep their positions in the padded sequence).
+std::vector<Seg> range_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& key_start,
+                                const at::Tensor& key_end, int64_t left, int64_t right, const char* op,
+                                at::Tensor& ks, at::Tensor& ke) {
+  const int64_t B = q.size(0), Nk = k.size(2);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"key_start", &key_start}, {"key_end", &key_end}}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->device().is_cpu() && t->dim() == 1 && t->size(0) == B, op, ": ",
+                name, " must be a CPU int32 tensor of shape (", B, ",), got ", t->scalar_type(), " ", t->sizes());
   }
-  at::Tensor qk, kk, vk;
-  const Rows<float> Qr = rows_f32(q, Nq, t.Dp, qk), Vr = rows_f32(v, t.Nkp, t.Dp, vk);
-  rows_f32(k, t.Nkp, t.Dp, kk);
-  const at::Tensor Kt = block_transpose(kk);
-  FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_fwd_cpu", [&] {
-    fwd_fp32<scalar_t>(t, Qr, Kt.const_data_ptr<float>(), Vr, out.data_ptr<scalar_t>(), lp);
-  });
+  ks = key_start.contiguous();
+  ke = key_end.contiguous();
+  const int32_t* s = ks.const_data_ptr<int32_t>();
+  const int32_t* e = ke.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= s[b] && s[b] <= e[b] && e[b] <= Nk, op, ": need 0 <= key_start <= key_end <= ", Nk,
+                " (the keys), got ", s[b], " and ", e[b], " at batch entry ", b);
+  return dense_segments(B, q.size(2), Nk, left, right, s, e);
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_range_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                const at::Tensor& v, const at::Tensor& key_start,
+                                                                const at::Tensor& key_end, double scale,
+                                                                int64_t window_left, int64_t window_right) {
+  const char* op = "fmkernels::flash_attention_range_fwd";
+  check_qkv(q, k, v, op);
+  at::Tensor ks, ke;
+  std::vector<Seg> segs = range_segments(q, k, key_start, key_end, window_left, window_right, op, ks, ke);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
+  at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
+  fwd_segments(q, k, v, std::move(segs), Nq, std::max<int64_t>(round_up(Nk, BK), BK), true, scale, out, lse);
   return {out, lse};
 }
 
 // ================================================================ backward
 
 struct BwdTask {
-  int64_t B, Hq, Hkv, Nq, Nk, D, Dp, Nqp, Nkp, nkb, G;
-  Mask mask;
+  int64_t B, Hq, Hkv, NQ, NQP, NKP, nkb, D, Dp, G;  // NQ: q-side rows per head; NQP: padded (bf16) q rows
+  int64_t max_nkb, max_qrows;  // over segments: key blocks; query rows rounded up to BQ
+  std::vector<Seg> segs;
   float c;
+  void plan() {
+    order_by_cost(segs);
+    max_nkb = 0, max_qrows = 0;
+    int64_t busy = 0;
+    for (const Seg& s : segs) {
+      max_nkb = std::max(max_nkb, s.nkb());
+      max_qrows = std::max(max_qrows, round_up(s.nq, BQ));
+      busy += s.nq > 0 && s.nk > 0;
+    }
+    // Chunks of key blocks per (segment, kv head): enough tasks for the threads; a function of the shape only.
+    G = std::clamp<int64_t>((16 + std::max<int64_t>(busy, 1) * Hkv - 1) / (std::max<int64_t>(busy, 1) * Hkv), 1,
+                            std::max<int64_t>(max_nkb, 1));
+  }
 };
 
-// The task loop both backward paths share. Tasks (batch, kv head, chunk g) come from a shared counter; chunk g
+// The task loop both backward paths share. Tasks (segment, kv head, chunk g) come from a shared counter; chunk g
 // owns key blocks g, g + G, g + 2G, ... (interleaved so causal chunks cost about the same). Per task, dK and dV
 // accumulate in fp32 over the GQA group's query heads and are stored once; dQ accumulates per chunk in dq_acc
-// (nq_rows rows per head, summed afterwards) or, when G == 1, in a per-head buffer stored right after the head.
-// block(scratch, bh, bhk, kb, dka, dva, dQ) adds key block kb's contributions for query head bh; scratch comes
-// from make_scratch() once per worker.
+// (nq_rows rows per head, the segment's at row q_first(seg), summed afterwards) or, when G == 1, in a per-head
+// buffer stored right after the head. block(scratch, seg, bh, bhk, kb, dka, dva, dQ) adds key block kb's
+// contributions for query head bh, dQ pointing at the segment's first query row; scratch comes from
+// make_scratch() once per worker.
 template <typename T, typename MakeScratch, typename Block>
-void bwd_tasks(const BwdTask& t, int64_t nq_rows, float* dq_acc, T* dq, T* dk, T* dv, float scale,
-               const MakeScratch& make_scratch, const Block& block) {
-  const int64_t grp = t.Hq / t.Hkv, ntask = t.B * t.Hkv * t.G;
+void bwd_tasks(const BwdTask& t, int64_t nq_rows, bool padded_q, float* dq_acc, OutRows<T> dq, OutRows<T> dk,
+               OutRows<T> dv, float scale, const MakeScratch& make_scratch, const Block& block) {
+  const int64_t grp = t.Hq / t.Hkv, per_seg = t.Hkv * t.G, ntask = int64_t(t.segs.size()) * per_seg;
   const bool vec = use_avx512();
-  const int64_t per_chunk = (t.nkb + t.G - 1) / t.G;
+  const int64_t per_chunk = (t.max_nkb + t.G - 1) / t.G;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
     std::vector<float> dKa(per_chunk * BK * t.Dp), dVa(per_chunk * BK * t.Dp);
-    std::vector<float> dq_local(t.G == 1 ? nq_rows * t.Dp : 0);
+    std::vector<float> dq_local(t.G == 1 ? t.max_qrows * t.Dp : 0);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
-      const int64_t g = task % t.G, bhk = task / t.G, b = bhk / t.Hkv, hk = bhk % t.Hkv;
-      std::fill(dKa.begin(), dKa.end(), 0.0f);
-      std::fill(dVa.begin(), dVa.end(), 0.0f);
+      const Seg& sg = t.segs[task / per_seg];
+      const int64_t g = task % t.G, hk = (task % per_seg) / t.G, b = sg.b, bhk = b * t.Hkv + hk;
+      const int64_t nkb = sg.nkb(), nown = nkb > g ? (nkb - g + t.G - 1) / t.G : 0;
+      if (t.G > 1 && nown == 0) continue;  // (with G == 1 the task still writes its dQ rows, zeros)
+      std::fill(dKa.begin(), dKa.begin() + nown * BK * t.Dp, 0.0f);
+      std::fill(dVa.begin(), dVa.begin() + nown * BK * t.Dp, 0.0f);
       for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
         const int64_t bh = b * t.Hq + h;
-        float* dQ = dq_acc + ((g * t.B * t.Hq) + bh) * nq_rows * t.Dp;
+        float* dQ = dq_acc + ((g * t.B * t.Hq + bh) * nq_rows + (padded_q ? sg.qp0 : sg.q0)) * t.Dp;
         if (t.G == 1) {
           dQ = dq_local.data();
-          std::fill(dq_local.begin(), dq_local.end(), 0.0f);
+          std::fill(dq_local.begin(), dq_local.begin() + round_up(sg.nq, BQ) * t.Dp, 0.0f);
         }
-        for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx)
-          block(scratch, bh, bhk, kb, dKa.data() + idx * BK * t.Dp, dVa.data() + idx * BK * t.Dp, dQ);
-        if (t.G == 1) store_rows(vec, dQ, t.Dp, t.Nq, t.D, scale, dq + bh * t.Nq * t.D, t.D);
+        for (int64_t kb = g, idx = 0; kb < nkb; kb += t.G, ++idx)
+          block(scratch, sg, bh, bhk, kb, dKa.data() + idx * BK * t.Dp, dVa.data() + idx * BK * t.Dp, dQ);
+        if (t.G == 1) store_rows(vec, dQ, t.Dp, sg.nq, t.D, scale, dq.row(b, h, sg.q0), dq.sn);
       }
-      for (int64_t kb = g, idx = 0; kb < t.nkb; kb += t.G, ++idx) {
-        const int64_t j0 = kb * BK, n = std::min(BK, t.Nk - j0);
-        store_rows(vec, dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk + (bhk * t.Nk + j0) * t.D, t.D);
-        store_rows(vec, dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv + (bhk * t.Nk + j0) * t.D, t.D);
+      for (int64_t kb = g, idx = 0; kb < nkb; kb += t.G, ++idx) {
+        const int64_t j0 = kb * BK, n = std::min(BK, sg.nk - j0);
+        store_rows(vec, dKa.data() + idx * BK * t.Dp, t.Dp, n, t.D, scale, dk.row(b, hk, sg.ko + j0), dk.sn);
+        store_rows(vec, dVa.data() + idx * BK * t.Dp, t.Dp, n, t.D, 1.0f, dv.row(b, hk, sg.ko + j0), dv.sn);
       }
     }
   });
@@ -1242,28 +1527,32 @@ void bwd_tasks(const BwdTask& t, int64_t nq_rows, float* dq_acc, T* dq, T* dk, T
 
 template <typename T>
 void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt, const float* Vt, Rows<float> Kr,
-              const float* lse2, const float* delta, float* dq_acc, T* dq, T* dk, T* dv, float scale) {
+              const float* lse2, const float* delta, float* dq_acc, OutRows<T> dq, OutRows<T> dk, OutRows<T> dv,
+              float scale) {
   const Kernels kn = kernels();
   struct Scratch {
     std::vector<float> S, dP;
   };
   const auto make_scratch = [] { return Scratch{std::vector<float>(BQ * BK), std::vector<float>(BQ * BK)}; };
-  bwd_tasks(t, t.Nq, dq_acc, dq, dk, dv, scale, make_scratch,
-            [&](Scratch& sc, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
+  bwd_tasks(t, t.NQ, false, dq_acc, dq, dk, dv, scale, make_scratch,
+            [&](Scratch& sc, const Seg& sg, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
     float* S = sc.S.data();
     float* dP = sc.dP.data();
+    const Mask& mask = sg.mask;
     const int64_t j0 = kb * BK;
-    const int64_t qlo = t.mask.qlo(j0), qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
-    const float* ktb = Kt + (bhk * t.nkb + kb) * t.Dp * BK;
-    const float* vtb = Vt + (bhk * t.nkb + kb) * t.Dp * BK;
-    const float* kfb = Kr.row(bhk, j0);
+    const auto [qlo, qhi] = mask.rows_of_keys(j0, std::min(j0 + BK, sg.nk));
+    const float* ktb = Kt + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
+    const float* vtb = Vt + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
+    const float* kfb = Kr.row(bhk, sg.k0 + j0);
+    const float* lse2s = lse2 + bh * t.NQ + sg.q0;
+    const float* deltas = delta + bh * t.NQ + sg.q0;
     for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
       const int64_t M = std::min(BQ, qhi - r0);
-      const float* Q = Qr.row(bh, r0);
-      const float* dO = dOr.row(bh, r0);
+      const float* Q = Qr.row(bh, sg.q0 + r0);
+      const float* dO = dOr.row(bh, sg.q0 + r0);
       // Rows below `top` see all BK keys; rows above it only the first `top_keys` (kHalf on a split diagonal
       // block, where the P / dS entries past them are never computed and never read).
-      const bool split = diagonal_split(t.mask, r0, M, j0);
+      const bool split = diagonal_split(mask, r0, M, j0);
       const int64_t top = split ? kHalf : 0, top_keys = split ? kHalf : BK;
       if (top > 0) {
         kn.abt(top, top_keys, t.D, Q, Qr.sn, ktb, BK, S, BK);
@@ -1271,10 +1560,9 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
       }
       kn.abt(M - top, BK, t.D, Q + top * Qr.sn, Qr.sn, ktb, BK, S + top * BK, BK);
       kn.abt(M - top, BK, t.D, dO + top * dOr.sn, dOr.sn, vtb, BK, dP + top * BK, BK);
-      if (!t.mask.full(r0, r0 + M, j0)) t.mask.apply(S, r0, M, j0);
+      if (!mask.full(r0, r0 + M, j0)) mask.apply(S, r0, M, j0);
       for (int64_t i = 0; i < M; ++i)
-        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.c, lse2[bh * t.Nq + r0 + i],
-                   delta[bh * t.Nq + r0 + i]);
+        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.c, lse2s[r0 + i], deltas[r0 + i]);
       if (split) {  // keys [0, kHalf) get every row; keys [kHalf, BK) only the rows below `top`
         kn.ab(kHalf, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);
         kn.ab(BK - kHalf, t.Dp, M - top, S + top * BK + kHalf, 1, BK, dO + top * dOr.sn, dOr.sn,
@@ -1295,44 +1583,48 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
 
 // bf16 path: tiles are computed transposed (S^T = K Q^T, dP^T = V dO^T) so that P^T and dS^T come out
 // row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
-// aligned to BQ (the Q^T / dO^T pair panels are blocked); padded query columns have lse2 = +inf (P = 0).
+// aligned to BQ (the Q^T / dO^T pair panels are blocked; each segment starts a block); padded query columns
+// have lse2 = +inf (P = 0).
 void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
-              const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, bf16* dq,
-              bf16* dk, bf16* dv, float scale) {
+              const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, OutRows<bf16> dq,
+              OutRows<bf16> dk, OutRows<bf16> dv, float scale) {
   struct Scratch {
     std::vector<float> ST, dPT;
     std::vector<bf16> PT, dST, Z;  // PT / dST: one BK x BQ block per query block of the key block
   };
-  const int64_t nqb = t.Nqp / BQ;
+  const int64_t nqb = std::max<int64_t>(t.max_qrows / BQ, 1);
   const auto make_scratch = [&] {
     return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(nqb * BK * BQ),
                    std::vector<bf16>(nqb * BK * BQ), std::vector<bf16>(BK * BQ)};
   };
-  bwd_tasks(t, t.Nqp, dq_acc, dq, dk, dv, scale, make_scratch,
-            [&](Scratch& sc, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
+  bwd_tasks(t, t.NQP, true, dq_acc, dq, dk, dv, scale, make_scratch,
+            [&](Scratch& sc, const Seg& sg, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
+    const Mask& mask = sg.mask;
     const int64_t j0 = kb * BK;
-    const int64_t qlo = t.mask.qlo(j0) / BQ * BQ, qhi = t.mask.qhi(std::min(j0 + BK, t.Nk));
-    const bf16* kb_rows = Kb + (bhk * t.Nkp + j0) * t.Dp;
-    const bf16* vb_rows = Vb + (bhk * t.Nkp + j0) * t.Dp;
-    const bf16* krb = Kr + (bhk * t.Nkp + j0) * t.Dp;
+    const auto [qa, qhi] = mask.rows_of_keys(j0, std::min(j0 + BK, sg.nk));
+    if (qa >= qhi) return;
+    const int64_t qlo = qa / BQ * BQ;
+    const bf16* kb_rows = Kb + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
+    const bf16* vb_rows = Vb + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
+    const bf16* krb = Kr + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
+    const int64_t base = bh * t.NQP + sg.qp0;
     int64_t nblk = 0;
     for (int64_t r0 = qlo; r0 < qhi; r0 += BQ, ++nblk) {
-      const int64_t off = bh * t.Nqp + r0;
+      const int64_t off = base + r0;
       bf16* PT = sc.PT.data() + nblk * BK * BQ;
       bf16* dST = sc.dST.data() + nblk * BK * BQ;
-      if (t.mask.full(r0, std::min(r0 + BQ, t.Nq), j0)) {
+      if (mask.full(r0, std::min(r0 + BQ, sg.nq), j0)) {
         bwd_sdp_fused_bf16(t.Dp / 2, kb_rows, vb_rows, t.Dp, Qt + off * t.Dp, dOt + off * t.Dp, t.c, lse2 + off,
                            delta + off, PT, dST, sc.Z.data());
       } else {
         gemm_bf16_avx512(BK, BQ, t.Dp / 2, vb_rows, t.Dp, 2, dOt + off * t.Dp, BQ, sc.dPT.data(), BQ, false);
         gemm_bf16_avx512(BK, BQ, t.Dp / 2, kb_rows, t.Dp, 2, Qt + off * t.Dp, BQ, sc.ST.data(), BQ, false);
-        t.mask.apply_t(sc.ST.data(), r0, j0);
+        mask.apply_t(sc.ST.data(), r0, j0);
         bwd_tile_t_bf16(sc.ST.data(), sc.dPT.data(), t.c, lse2 + off, delta + off, PT, dST, sc.Z.data());
       }
       gemm_bf16_avx512<2, 2 * BQ>(BQ, t.Dp, BK / 2, sc.Z.data(), 2, 2 * BQ, krb, t.Dp, dQ + r0 * t.Dp, t.Dp, true);  // dQ
     }
-    if (nblk == 0) return;
-    const int64_t off = bh * t.Nqp + qlo;
+    const int64_t off = base + qlo;
     gemm_bf16_blocked_avx512<BQ, 2>(BK, t.Dp, BQ / 2, nblk, BK * BQ, sc.PT.data(), BQ, 2, dOr + off * t.Dp, t.Dp,
                                     dva, t.Dp, true);  // dV += P^T dO
     gemm_bf16_blocked_avx512<BQ, 2>(BK, t.Dp, BQ / 2, nblk, BK * BQ, sc.dST.data(), BQ, 2, Qr + off * t.Dp, t.Dp,
@@ -1340,40 +1632,33 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right) {
-  const char* op = "fmkernels::flash_attention_bwd";
-  check_qkv(q, k, v, op);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              op, ": lse must have shape (B, Hq, Nq), got ", lse.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
-  at::Tensor dq = at::empty({B, Hq, Nq, D}, q.options());
-  at::Tensor dk = at::empty({B, Hkv, Nk, D}, k.options());  // every row is written
-  at::Tensor dv = at::empty({B, Hkv, Nk, D}, v.options());
-  if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+// x (B, H, NQ) fp32 -> (B, H, NQP) with each segment's rows at qp0, `fill` elsewhere.
+at::Tensor pack_rows3(const at::Tensor& x, const std::vector<Seg>& segs, bool dense, int64_t NQP, float fill) {
+  if (dense) return x.size(2) == NQP ? x : at::constant_pad_nd(x, {0, NQP - x.size(2)}, fill);
+  at::Tensor out = at::full({x.size(0), x.size(1), NQP}, fill, x.options());
+  for (const Seg& s : segs)
+    if (s.nq > 0) out.select(0, s.b).narrow(1, s.qp0, s.nq).copy_(x.select(0, s.b).narrow(1, s.q0, s.nq));
+  return out;
+}
+
+// The tiled backward over segments (views as in fwd_segments); writes dqv (B, Hq, NQ, D), dkv, dvv
+// (B, Hkv, NK, D) (unit d stride). NQP: padded query rows for the bf16 path (each segment at qp0).
+void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, std::vector<Seg> segs, int64_t NQP, int64_t NKP,
+                  bool dense, double scale, at::Tensor& dqv, at::Tensor& dkv, at::Tensor& dvv) {
   BwdTask t;
-  t.B = B, t.Hq = Hq, t.Hkv = Hkv, t.Nq = Nq, t.Nk = Nk, t.D = D;
-  t.Dp = round_up(D, 16), t.Nkp = round_up(Nk, BK), t.nkb = t.Nkp / BK;
-  // Chunks of key blocks per (batch, kv head): enough tasks for the threads; a function of the shape only.
-  t.G = std::clamp<int64_t>((16 + B * Hkv - 1) / (B * Hkv), 1, t.nkb);
-  t.mask = Mask{Nq, Nk, Nk - Nq, window_left, window_right};
+  t.B = q.size(0), t.Hq = q.size(1), t.Hkv = k.size(1), t.NQ = q.size(2), t.D = q.size(3);
+  t.Dp = round_up(t.D, 16), t.NKP = NKP, t.nkb = NKP / BK;
+  t.segs = std::move(segs);
+  t.plan();
   t.c = static_cast<float>(scale) * kLog2e;
   const float fscale = static_cast<float>(scale);
-
+  const int64_t B = t.B, Hq = t.Hq, NQ = t.NQ, D = t.D;
   const bool bf16_path = use_bf16_path(q);
-  // bf16 path: queries padded to whole BQ blocks; elsewhere to an even count.
-  t.Nqp = bf16_path ? round_up(Nq, BQ) : Nq;
+  t.NQP = bf16_path ? NQP : NQ;
   // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), +inf on rows that see no key (so P = 0 there) and on
   // padded rows.
-  at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({B, Hq, NQ}, q.options().dtype(at::kFloat));
   {
     // in place when d has a unit stride (any other strides), else one contiguous copy
     const auto unit_d = [&](const at::Tensor& x) {
@@ -1384,50 +1669,154 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
     float* dp = delta.data_ptr<float>();
     FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_delta", [&] {
       const Rows<scalar_t> a = rows_of<scalar_t>(dOc), o = rows_of<scalar_t>(Oc);
-      at::parallel_for(0, B * Hq * Nq, 256, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, B * Hq * NQ, 256, [&](int64_t r0, int64_t r1) {
         if (avx512)
-          delta_rows_avx512<scalar_t>(a, o, Nq, dp, r0, r1, D);
+          delta_rows_avx512<scalar_t>(a, o, NQ, dp, r0, r1, D);
         else
-          delta_rows_portable<scalar_t>(a, o, Nq, dp, r0, r1, D);
+          delta_rows_portable<scalar_t>(a, o, NQ, dp, r0, r1, D);
       });
     });
   }
   at::Tensor lse2 = lse.to(at::kFloat) * kLog2e;
   lse2 = at::where(at::isinf(lse2), at::full({}, kPosInf, lse2.options()), lse2);
-  if (t.Nqp != Nq) {
-    delta = at::constant_pad_nd(delta, {0, t.Nqp - Nq}, 0.0);
-    lse2 = at::constant_pad_nd(lse2, {0, t.Nqp - Nq}, kPosInf);
+  if (t.NQP != NQ || !dense) {
+    if (bf16_path) {
+      delta = pack_rows3(delta, t.segs, dense, t.NQP, 0.0f);
+      lse2 = pack_rows3(lse2, t.segs, dense, t.NQP, kPosInf);
+    }
   }
   delta = delta.contiguous();
   lse2 = lse2.contiguous();
   // dQ partials per key chunk (only when G > 1; with G == 1 each task writes its heads' dQ directly).
-  at::Tensor dq_acc = t.G > 1 ? at::zeros({t.G, B, Hq, t.Nqp, t.Dp}, q.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor dq_acc = t.G > 1 ? at::zeros({t.G, B, Hq, t.NQP, t.Dp}, q.options().dtype(at::kFloat)) : at::Tensor();
   float* dq_acc_p = t.G > 1 ? dq_acc.data_ptr<float>() : nullptr;
+  const auto keys = [&](const at::Tensor& x, at::ScalarType dt) {
+    return dense ? padded(x, NKP, t.Dp, dt) : pack_segments(x, t.segs, true, NKP, t.Dp, dt);
+  };
 
   if (bf16_path) {
-    const at::Tensor Qb = padded_bf16(q, t.Nqp, t.Dp), dOb = padded_bf16(grad_out, t.Nqp, t.Dp);
-    const at::Tensor Kb = padded_bf16(k, t.Nkp, t.Dp), Vb = padded_bf16(v, t.Nkp, t.Dp);
+    const auto queries = [&](const at::Tensor& x) {
+      return dense ? padded(x, t.NQP, t.Dp, at::kBFloat16) : pack_segments(x, t.segs, false, t.NQP, t.Dp, at::kBFloat16);
+    };
+    const at::Tensor Qb = queries(q), dOb = queries(grad_out);
+    const at::Tensor Kb = keys(k, at::kBFloat16), Vb = keys(v, at::kBFloat16);
     const at::Tensor Qt = pairs_over_d(Qb), dOt = pairs_over_d(dOb);  // BQ == BK: same blocking
     const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb), Kr = pairs_over_rows(Kb);
     bwd_bf16(t, Kb.const_data_ptr<bf16>(), Vb.const_data_ptr<bf16>(), Qt.const_data_ptr<bf16>(),
              dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
              Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
-             dq.data_ptr<bf16>(), dk.data_ptr<bf16>(), dv.data_ptr<bf16>(), fscale);
+             out_rows<bf16>(dqv), out_rows<bf16>(dkv), out_rows<bf16>(dvv), fscale);
   } else {
     at::Tensor qk, dok, kk, vk;
-    const Rows<float> Qr = rows_f32(q, Nq, t.Dp, qk), dOr = rows_f32(grad_out, Nq, t.Dp, dok);
-    const Rows<float> Kr = rows_f32(k, t.Nkp, t.Dp, kk);
-    rows_f32(v, t.Nkp, t.Dp, vk);
+    const Rows<float> Qr = rows_f32(q, NQ, t.Dp, qk), dOr = rows_f32(grad_out, NQ, t.Dp, dok);
+    Rows<float> Kr;
+    if (dense || keys_in_place(t.segs, k.size(2), NKP)) {
+      Kr = rows_f32(k, NKP, t.Dp, kk);
+      rows_f32(v, NKP, t.Dp, vk);
+    } else {
+      kk = keys(k, at::kFloat);
+      vk = keys(v, at::kFloat);
+      Kr = rows_of<float>(kk);
+    }
     const at::Tensor Kt = block_transpose(kk), Vt = block_transpose(vk);
     FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_bwd_cpu", [&] {
       bwd_fp32<scalar_t>(t, Qr, dOr, Kt.const_data_ptr<float>(), Vt.const_data_ptr<float>(), Kr,
-                         lse2.const_data_ptr<float>(),
-                         delta.const_data_ptr<float>(), dq_acc_p, dq.data_ptr<scalar_t>(),
-                         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), fscale);
+                         lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
+                         out_rows<scalar_t>(dqv), out_rows<scalar_t>(dkv), out_rows<scalar_t>(dvv), fscale);
     });
   }
   // dQ = scale * sum over chunks (fixed order) of the fp32 partials.
-  if (t.G > 1) dq.copy_(dq_acc.sum(0).narrow(2, 0, Nq).narrow(3, 0, D).mul_(fscale));
+  if (t.G > 1) {
+    const at::Tensor sum = dq_acc.sum(0).narrow(3, 0, D).mul_(fscale);  // (B, Hq, NQP, D)
+    if (!bf16_path) {
+      dqv.copy_(sum);
+    } else {
+      for (const Seg& s : t.segs)
+        if (s.nq > 0) dqv.select(0, s.b).narrow(1, s.q0, s.nq).copy_(sum.select(0, s.b).narrow(1, s.qp0, s.nq));
+    }
+  }
+}
+
+void check_bwd_shapes(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                      const char* op) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              op, ": lse must have shape (B, Hq, Nq), got ", lse.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right) {
+  const char* op = "fmkernels::flash_attention_bwd";
+  check_qkv(q, k, v, op);
+  check_bwd_shapes(grad_out, q, out, lse, op);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  at::Tensor dq = at::empty({B, Hq, Nq, D}, q.options());
+  at::Tensor dk = at::empty({B, Hkv, Nk, D}, k.options());  // every row is written
+  at::Tensor dv = at::empty({B, Hkv, Nk, D}, v.options());
+  if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  bwd_segments(grad_out, q, k, v, out, lse, dense_segments(B, Nq, Nk, window_left, window_right), round_up(Nq, BQ),
+               round_up(Nk, BK), true, scale, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right) {
+  const char* op = "fmkernels::flash_attention_varlen_bwd";
+  check_varlen_qkv(q, k, v, op);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
+              ": lse must have shape (Hq, total_q), got ", lse.sizes());
+  const int64_t Tq = q.size(0), Tk = k.size(0);
+  int64_t NQP, NKP;
+  std::vector<Seg> segs = varlen_segments(cu_seqlens_q, cu_seqlens_k, Tq, Tk, window_left, window_right, &NQP, &NKP,
+                                          op);
+  check_max_seqlen(segs, max_seqlen_q, max_seqlen_k, op);
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);  // every row is written
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (Tq == 0 || Tk == 0 || q.size(1) == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  at::Tensor dqv = as_bhnd(dq), dkv = as_bhnd(dk), dvv = as_bhnd(dv);
+  bwd_segments(as_bhnd(grad_out), as_bhnd(q), as_bhnd(k), as_bhnd(v), as_bhnd(out), lse.unsqueeze(0), std::move(segs),
+               NQP, NKP, false, scale, dqv, dkv, dvv);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_range_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& key_start, const at::Tensor& key_end, double scale, int64_t window_left,
+    int64_t window_right) {
+  const char* op = "fmkernels::flash_attention_range_bwd";
+  check_qkv(q, k, v, op);
+  check_bwd_shapes(grad_out, q, out, lse, op);
+  at::Tensor ks, ke;
+  std::vector<Seg> segs = range_segments(q, k, key_start, key_end, window_left, window_right, op, ks, ke);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  at::Tensor dq = at::empty({B, Hq, Nq, D}, q.options());
+  at::Tensor dk = at::empty({B, Hkv, Nk, D}, k.options());
+  at::Tensor dv = at::empty({B, Hkv, Nk, D}, v.options());
+  if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  bwd_segments(grad_out, q, k, v, out, lse, std::move(segs), round_up(Nq, BQ), round_up(Nk, BK), true, scale, dq, dk,
+               dv);
   return {dq, dk, dv};
 }
 
@@ -1437,4 +1826,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fmkernels, CPU, m) {
   m.impl("flash_attention_fwd", &fmk::cpu::flash_attention_fwd_cpu);
   m.impl("flash_attention_bwd", &fmk::cpu::flash_attention_bwd_cpu);
+  m.impl("flash_attention_varlen_fwd", &fmk::cpu::flash_attention_varlen_fwd_cpu);
+  m.impl("flash_attention_varlen_bwd", &fmk::cpu::flash_attention_varlen_bwd_cpu);
+  m.impl("flash_attention_range_fwd", &fmk::cpu::flash_attention_range_fwd_cpu);
+  m.impl("flash_attention_range_bwd", &fmk::cpu::flash_attention_range_bwd_cpu);
 }

@@ -6,6 +6,8 @@
 //    the query heads of a GQA group) that see them; dQ kernel, a block owns 16 query rows and loops over their
 //    key tiles. P is recomputed from lse; no atomics, so gradients are deterministic.
 // Key tiles that a query block cannot see (causal / window) are skipped by the loop bounds.
+// Varlen (AttnShape.cu_q / cu_k): grid z = the sequence; each block reads its rows from cu_seqlens and masks
+// within its sequence (blocks past a shorter sequence return at once).
 // Status: compile-checked for sm_80 / sm_90a; not yet run on a GPU in this project (no device was lent).
 #include <cfloat>
 
@@ -31,8 +33,19 @@ struct MaskDev {
   __device__ __forceinline__ int64_t qhi(int64_t j1) const { return left < 0 ? nq : min(nq, j1 - off + left); }
 };
 
-__host__ __device__ inline MaskDev make_mask(const AttnShape& s) {
-  return MaskDev{s.Nq, s.Nk, s.Nk - s.Nq, s.window_left, s.window_right};
+// The block's problem: its sequence's first query / key rows (q0, k0) and lengths; dense: 0, 0, Nq, Nk.
+struct SeqDev {
+  int64_t q0, k0, nq, nk;
+};
+__device__ __forceinline__ SeqDev seq_of(const AttnShape& s) {
+  if (s.cu_q == nullptr) return SeqDev{0, 0, s.Nq, s.Nk};
+  const int z = blockIdx.z;
+  const int64_t q0 = s.cu_q[z], k0 = s.cu_k[z];
+  return SeqDev{q0, k0, s.cu_q[z + 1] - q0, s.cu_k[z + 1] - k0};
+}
+
+__host__ __device__ inline MaskDev make_mask(const AttnShape& s, int64_t nq, int64_t nk) {
+  return MaskDev{nq, nk, nk - nq, s.window_left, s.window_right};
 }
 
 // Stage rows [r0, r0 + n) (n <= cap) of a (N, D) slice with row stride ld into shared fp32 rows of stride lds;
@@ -60,12 +73,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(AttnShape s, const T* __r
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t bh = blockIdx.y, b = bh / s.Hq, h = bh % s.Hq, hk = h / (s.Hq / s.Hkv);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const MaskDev mask = make_mask(s);
+  const SeqDev sg = seq_of(s);
+  if (r0 >= sg.nq) return;  // (varlen: a shorter sequence than the grid)
+  const MaskDev mask = make_mask(s, sg.nq, sg.nk);
   const float c = s.scale * kLog2e;
-  const T* qb = q + b * s.sq[0] + h * s.sq[1];
-  const T* kb = k + b * s.sk[0] + hk * s.sk[1];
-  const T* vb = v + b * s.sv[0] + hk * s.sv[1];
-  stage(sQ, D, qb, s.sq[2], r0, kRows, s.Nq, D);
+  const T* qb = q + b * s.sq[0] + h * s.sq[1] + sg.q0 * s.sq[2];
+  const T* kb = k + b * s.sk[0] + hk * s.sk[1] + sg.k0 * s.sk[2];
+  const T* vb = v + b * s.sv[0] + hk * s.sv[1] + sg.k0 * s.sv[2];
+  stage(sQ, D, qb, s.sq[2], r0, kRows, sg.nq, D);
 
   float m[kRows / kWarps], l[kRows / kWarps], acc[kRows / kWarps][DC];
 #pragma unroll
@@ -75,12 +90,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(AttnShape s, const T* __r
 #pragma unroll
     for (int t = 0; t < DC; ++t) acc[rr][t] = 0.f;
   }
-  const int64_t r_last = min(r0 + kRows, s.Nq) - 1;
+  const int64_t r_last = min(r0 + kRows, sg.nq) - 1;
   const int64_t klo = mask.lo(r0) / kKeys * kKeys, khi = mask.hi(r_last);
   for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
     __syncthreads();
-    stage(sK, ldk, kb, s.sk[2], j0, kKeys, s.Nk, D);
-    stage(sV, D, vb, s.sv[2], j0, kKeys, s.Nk, D);
+    stage(sK, ldk, kb, s.sk[2], j0, kKeys, sg.nk, D);
+    stage(sV, D, vb, s.sv[2], j0, kKeys, sg.nk, D);
     __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < kRows / kWarps; ++rr) {
@@ -113,16 +128,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(AttnShape s, const T* __r
 #pragma unroll
   for (int rr = 0; rr < kRows / kWarps; ++rr) {
     const int64_t i = r0 + warp * (kRows / kWarps) + rr;
-    if (i >= s.Nq) continue;
+    if (i >= sg.nq) continue;
     const bool empty = l[rr] == 0.f;
     const float inv = empty ? 0.f : 1.f / l[rr];
-    T* o = out + (bh * s.Nq + i) * D;
+    T* o = out + (bh * s.Nq + sg.q0 + i) * D;
 #pragma unroll
     for (int t = 0; t < DC; ++t) {
       const int d = lane + 32 * t;
       if (d < D) o[d] = from_float<T>(acc[rr][t] * inv);
     }
-    if (lane == 0) lse[bh * s.Nq + i] = empty ? -INFINITY : (m[rr] + log2f(l[rr])) * kLn2;
+    if (lane == 0) lse[bh * s.Nq + sg.q0 + i] = empty ? -INFINITY : (m[rr] + log2f(l[rr])) * kLn2;
   }
 }
 
@@ -145,10 +160,12 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(AttnShape s,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t bhk = blockIdx.y, b = bhk / s.Hkv, hk = bhk % s.Hkv, grp = s.Hq / s.Hkv;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
-  const MaskDev mask = make_mask(s);
+  const SeqDev sg = seq_of(s);
+  if (j0 >= sg.nk) return;
+  const MaskDev mask = make_mask(s, sg.nq, sg.nk);
   const float c = s.scale * kLog2e;
-  stage(sK, D, k + b * s.sk[0] + hk * s.sk[1], s.sk[2], j0, kKeys, s.Nk, D);
-  stage(sV, D, v + b * s.sv[0] + hk * s.sv[1], s.sv[2], j0, kKeys, s.Nk, D);
+  stage(sK, D, k + b * s.sk[0] + hk * s.sk[1] + sg.k0 * s.sk[2], s.sk[2], j0, kKeys, sg.nk, D);
+  stage(sV, D, v + b * s.sv[0] + hk * s.sv[1] + sg.k0 * s.sv[2], s.sv[2], j0, kKeys, sg.nk, D);
 
   constexpr int KW = kKeys / kWarps;  // keys per warp
   float dK[KW][DC], dV[KW][DC];
@@ -156,19 +173,19 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(AttnShape s,
   for (int kk = 0; kk < KW; ++kk)
 #pragma unroll
     for (int t = 0; t < DC; ++t) dK[kk][t] = dV[kk][t] = 0.f;
-  const int64_t qlo = mask.qlo(j0) / 32 * 32, qhi = mask.qhi(min(j0 + kKeys, s.Nk));
+  const int64_t qlo = mask.qlo(j0) / 32 * 32, qhi = mask.qhi(min(j0 + kKeys, sg.nk));
   for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
     const int64_t bh = b * s.Hq + h;
-    const T* qb = q + b * s.sq[0] + h * s.sq[1];
-    const T* ob = dout + b * sdo0 + h * sdo1;
+    const T* qb = q + b * s.sq[0] + h * s.sq[1] + sg.q0 * s.sq[2];
+    const T* ob = dout + b * sdo0 + h * sdo1 + sg.q0 * sdo2;
     for (int64_t r0 = qlo; r0 < qhi; r0 += 32) {
       __syncthreads();
-      stage(sQ, ldq, qb, s.sq[2], r0, 32, s.Nq, D);
-      stage(sO, ldq, ob, sdo2, r0, 32, s.Nq, D);
+      stage(sQ, ldq, qb, s.sq[2], r0, 32, sg.nq, D);
+      stage(sO, ldq, ob, sdo2, r0, 32, sg.nq, D);
       __syncthreads();
       const int64_t i = r0 + lane;  // lane = query row
-      const float l2 = i < s.Nq ? lse2[bh * s.Nq + i] : INFINITY;
-      const float dl = i < s.Nq ? delta[bh * s.Nq + i] : 0.f;
+      const float l2 = i < sg.nq ? lse2[bh * s.Nq + sg.q0 + i] : INFINITY;
+      const float dl = i < sg.nq ? delta[bh * s.Nq + sg.q0 + i] : 0.f;
 #pragma unroll
       for (int kk = 0; kk < KW; ++kk) {
         const int jl = warp * KW + kk;
@@ -197,13 +214,13 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(AttnShape s,
 #pragma unroll
   for (int kk = 0; kk < KW; ++kk) {
     const int64_t j = j0 + warp * KW + kk;
-    if (j >= s.Nk) continue;
+    if (j >= sg.nk) continue;
 #pragma unroll
     for (int t = 0; t < DC; ++t) {
       const int d = lane + 32 * t;
       if (d < D) {
-        dk[(bhk * s.Nk + j) * D + d] = from_float<T>(dK[kk][t] * s.scale);
-        dv[(bhk * s.Nk + j) * D + d] = from_float<T>(dV[kk][t]);
+        dk[(bhk * s.Nk + sg.k0 + j) * D + d] = from_float<T>(dK[kk][t] * s.scale);
+        dv[(bhk * s.Nk + sg.k0 + j) * D + d] = from_float<T>(dV[kk][t]);
       }
     }
   }
@@ -226,29 +243,31 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(AttnShape s, const T* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t bh = blockIdx.y, b = bh / s.Hq, h = bh % s.Hq, hk = h / (s.Hq / s.Hkv);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const MaskDev mask = make_mask(s);
+  const SeqDev sg = seq_of(s);
+  if (r0 >= sg.nq) return;
+  const MaskDev mask = make_mask(s, sg.nq, sg.nk);
   const float c = s.scale * kLog2e;
-  stage(sQ, D, q + b * s.sq[0] + h * s.sq[1], s.sq[2], r0, kRows, s.Nq, D);
-  stage(sO, D, dout + b * sdo0 + h * sdo1, sdo2, r0, kRows, s.Nq, D);
-  const T* kb = k + b * s.sk[0] + hk * s.sk[1];
-  const T* vb = v + b * s.sv[0] + hk * s.sv[1];
+  stage(sQ, D, q + b * s.sq[0] + h * s.sq[1] + sg.q0 * s.sq[2], s.sq[2], r0, kRows, sg.nq, D);
+  stage(sO, D, dout + b * sdo0 + h * sdo1 + sg.q0 * sdo2, sdo2, r0, kRows, sg.nq, D);
+  const T* kb = k + b * s.sk[0] + hk * s.sk[1] + sg.k0 * s.sk[2];
+  const T* vb = v + b * s.sv[0] + hk * s.sv[1] + sg.k0 * s.sv[2];
 
   constexpr int RW = kRows / kWarps;
   float acc[RW][DC], l2[RW], dl[RW];
 #pragma unroll
   for (int rr = 0; rr < RW; ++rr) {
     const int64_t i = r0 + warp * RW + rr;
-    l2[rr] = i < s.Nq ? lse2[bh * s.Nq + i] : INFINITY;
-    dl[rr] = i < s.Nq ? delta[bh * s.Nq + i] : 0.f;
+    l2[rr] = i < sg.nq ? lse2[bh * s.Nq + sg.q0 + i] : INFINITY;
+    dl[rr] = i < sg.nq ? delta[bh * s.Nq + sg.q0 + i] : 0.f;
 #pragma unroll
     for (int t = 0; t < DC; ++t) acc[rr][t] = 0.f;
   }
-  const int64_t r_last = min(r0 + kRows, s.Nq) - 1;
+  const int64_t r_last = min(r0 + kRows, sg.nq) - 1;
   const int64_t klo = mask.lo(r0) / kKeys * kKeys, khi = mask.hi(r_last);
   for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
     __syncthreads();
-    stage(sK, ldk, kb, s.sk[2], j0, kKeys, s.Nk, D);
-    stage(sV, ldk, vb, s.sv[2], j0, kKeys, s.Nk, D);
+    stage(sK, ldk, kb, s.sk[2], j0, kKeys, sg.nk, D);
+    stage(sV, ldk, vb, s.sv[2], j0, kKeys, sg.nk, D);
     __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < RW; ++rr) {
@@ -274,11 +293,11 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(AttnShape s, const T* 
 #pragma unroll
   for (int rr = 0; rr < RW; ++rr) {
     const int64_t i = r0 + warp * RW + rr;
-    if (i >= s.Nq) continue;
+    if (i >= sg.nq) continue;
 #pragma unroll
     for (int t = 0; t < DC; ++t) {
       const int d = lane + 32 * t;
-      if (d < D) dq[(bh * s.Nq + i) * D + d] = from_float<T>(acc[rr][t] * s.scale);
+      if (d < D) dq[(bh * s.Nq + sg.q0 + i) * D + d] = from_float<T>(acc[rr][t] * s.scale);
     }
   }
 }
@@ -299,7 +318,9 @@ cudaError_t fwd_launch(const AttnShape& s, const void* q, const void* k, const v
   auto kernel = fwd_kernel<T, DC>;
   cudaError_t err = prepare(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((s.Nq + kRows - 1) / kRows), static_cast<unsigned>(s.B * s.Hq));
+  const int64_t nq = s.cu_q ? s.max_nq : s.Nq;
+  const dim3 grid(static_cast<unsigned>((nq + kRows - 1) / kRows), static_cast<unsigned>(s.B * s.Hq),
+                  static_cast<unsigned>(s.cu_q ? s.nseq : 1));
   kernel<<<grid, kThreads, smem, stream>>>(s, static_cast<const T*>(q), static_cast<const T*>(k),
                                            static_cast<const T*>(v), static_cast<T*>(out), lse);
   return cudaGetLastError();
@@ -314,7 +335,9 @@ cudaError_t bwd_launch(const AttnShape& s, const int64_t sdo[3], const void* q, 
   auto kv_kernel = bwd_dkdv_kernel<T, DC>;
   cudaError_t err = prepare(kv_kernel, smem_kv);
   if (err != cudaSuccess) return err;
-  const dim3 grid_kv(static_cast<unsigned>((s.Nk + kKeys - 1) / kKeys), static_cast<unsigned>(s.B * s.Hkv));
+  const int64_t nq = s.cu_q ? s.max_nq : s.Nq, nk = s.cu_q ? s.max_nk : s.Nk;
+  const unsigned nz = static_cast<unsigned>(s.cu_q ? s.nseq : 1);
+  const dim3 grid_kv(static_cast<unsigned>((nk + kKeys - 1) / kKeys), static_cast<unsigned>(s.B * s.Hkv), nz);
   kv_kernel<<<grid_kv, kThreads, smem_kv, stream>>>(
       s, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
       static_cast<const T*>(dout), sdo[0], sdo[1], sdo[2], lse2, delta, static_cast<T*>(dk), static_cast<T*>(dv));
@@ -324,7 +347,7 @@ cudaError_t bwd_launch(const AttnShape& s, const int64_t sdo[3], const void* q, 
   auto q_kernel = bwd_dq_kernel<T, DC>;
   err = prepare(q_kernel, smem_q);
   if (err != cudaSuccess) return err;
-  const dim3 grid_q(static_cast<unsigned>((s.Nq + kRows - 1) / kRows), static_cast<unsigned>(s.B * s.Hq));
+  const dim3 grid_q(static_cast<unsigned>((nq + kRows - 1) / kRows), static_cast<unsigned>(s.B * s.Hq), nz);
   q_kernel<<<grid_q, kThreads, smem_q, stream>>>(s, static_cast<const T*>(q), static_cast<const T*>(k),
                                                  static_cast<const T*>(v), static_cast<const T*>(dout), sdo[0],
                                                  sdo[1], sdo[2], lse2, delta, static_cast<T*>(dq));
@@ -362,7 +385,7 @@ cudaError_t bwd_typed(const AttnShape& s, const int64_t sdo[3], const void* q, c
 
 cudaError_t flash_attention_fwd(DType dtype, const AttnShape& s, const void* q, const void* k, const void* v,
                                 void* out, float* lse, cudaStream_t stream) {
-  if (s.B * s.Hq * s.Nq == 0) return cudaSuccess;
+  if (s.B * s.Hq * s.Nq == 0 || (s.cu_q && (s.nseq == 0 || s.max_nq == 0))) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: return fwd_typed<float>(s, q, k, v, out, lse, stream);
     case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(s, q, k, v, out, lse, stream);
@@ -374,7 +397,8 @@ cudaError_t flash_attention_fwd(DType dtype, const AttnShape& s, const void* q, 
 cudaError_t flash_attention_bwd(DType dtype, const AttnShape& s, const int64_t sdo[3], const void* q, const void* k,
                                 const void* v, const void* dout, const float* lse2, const float* delta, void* dq,
                                 void* dk, void* dv, cudaStream_t stream) {
-  if (s.B * s.Hq * s.Nq == 0 || s.Nk == 0) return cudaSuccess;
+  if (s.B * s.Hq * s.Nq == 0 || s.Nk == 0 || (s.cu_q && (s.nseq == 0 || s.max_nq == 0 || s.max_nk == 0)))
+    return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: return bwd_typed<float>(s, sdo, q, k, v, dout, lse2, delta, dq, dk, dv, stream);
     case DType::kBFloat16: return bwd_typed<__nv_bfloat16>(s, sdo, q, k, v, dout, lse2, delta, dq, dk, dv, stream);

@@ -11,6 +11,13 @@ struct AttnShape {
   int64_t window_left, window_right;
   float scale;  // softmax scale (natural units)
   int64_t sq[3], sk[3], sv[3];  // element strides of q, k, v along B, H, N
+  // Packed sequences (varlen): when cu_q / cu_k (device int32 (nseq + 1,)) are set, B == 1, Nq / Nk are the
+  // total rows, sequence z = blockIdx.z has query rows [cu_q[z], cu_q[z+1]) and key rows [cu_k[z], cu_k[z+1])
+  // (masks bottom-right aligned per sequence), and max_nq / max_nk (>= every sequence) size the grid. Outputs keep
+  // their layout with N = the total rows: out / dq (1, Hq, Nq, D), lse (1, Hq, Nq), dk / dv (1, Hkv, Nk, D).
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  int64_t nseq = 1, max_nq = 0, max_nk = 0;
 };
 
 // out (B, Hq, Nq, D) contiguous in q's dtype; lse (B, Hq, Nq) fp32 (natural log; -inf on rows that see no key).

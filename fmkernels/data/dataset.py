@@ -25,7 +25,7 @@ import torch
 from .corpus import CorpusError, load_documents, split_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: document start offsets per split (<split>.docs.npy) for pack_mode=document
 
 
 @dataclass
@@ -37,6 +37,8 @@ class DataBundle:
     cache_dir: Path
     token_bytes: np.ndarray  # (vocab,) UTF-8 bytes per token
     n_docs: tuple  # (train, val)
+    train_docs: Optional[np.ndarray] = None  # (n_train_docs,) int64 token offset of each document's first token
+    val_docs: Optional[np.ndarray] = None
 
 
 def _cache_dir(corpus: str, key: str) -> Path:
@@ -49,15 +51,23 @@ def _cache_dir(corpus: str, key: str) -> Path:
 
 
 def _write_tokens(path: Path, chunks, dtype) -> int:
+    """chunks yield (tokens, per-document token counts); also writes <stem>.docs.npy (document start offsets)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     n = 0
+    lens = []
     with open(tmp, "wb") as f:
-        for arr in chunks:
+        for arr, doc_lens in chunks:
             a = np.asarray(arr).astype(dtype, copy=False)
             f.write(a.tobytes())
             n += a.size
+            lens.extend(doc_lens)
         f.flush()
         os.fsync(f.fileno())
+    starts = np.concatenate([[0], np.cumsum(lens[:-1], dtype=np.int64)]).astype(np.int64) if lens else np.zeros(0, np.int64)
+    docs_path = path.with_suffix(".docs.npy")
+    tmp_docs = docs_path.with_name(docs_path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp_docs, starts)
+    os.replace(tmp_docs, docs_path)
     os.replace(tmp, path)
     return n
 
@@ -113,9 +123,9 @@ def prepare_data(
                 batch = [d.text + "\n\n" for d in ds[i : i + 256]]
                 if isinstance(tok, BPETokenizer):
                     for ids in tok.encode_batch(batch):
-                        yield np.asarray(ids, dtype=np.int64)
-                else:
-                    yield tok.encode_array("".join(batch))
+                        yield np.asarray(ids, dtype=np.int64), [len(ids)]
+                else:  # one token per UTF-8 byte
+                    yield tok.encode_array("".join(batch)), [len(t.encode("utf-8")) for t in batch]
 
         if rename_p > 0:
             train_docs = _rename_docs(train_docs, rename_p, rename_seed, log)
@@ -135,7 +145,8 @@ def prepare_data(
     dt = np.dtype(meta["dtype"])
     train = np.memmap(cdir / "train.bin", dtype=dt, mode="r", shape=(meta["n_train"],))
     val = np.memmap(cdir / "val.bin", dtype=dt, mode="r", shape=(meta["n_val"],))
-    return DataBundle(train, val, tok, digest, cdir, tok.token_bytes(), tuple(meta["n_docs"]))
+    return DataBundle(train, val, tok, digest, cdir, tok.token_bytes(), tuple(meta["n_docs"]),
+                      np.load(cdir / "train.docs.npy"), np.load(cdir / "val.docs.npy"))
 
 
 def _rename_docs(docs, p: float, seed: int, log) -> list:
@@ -158,7 +169,12 @@ def _rename_docs(docs, p: float, seed: int, log) -> list:
 
 
 class BatchSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+    """doc_starts (pack_mode=document): token offsets of the documents' first tokens; a target that is the first
+    token of the next document (the boundary: predicting it from the previous document) becomes -100 (ignored),
+    which is also where fmkernels.data.packing.document_cu_seqlens splits the rows into documents."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 doc_starts: Optional[np.ndarray] = None):
         n = len(tokens) - seq_len - 1
         if n < world:
             raise CorpusError(
@@ -168,6 +184,7 @@ class BatchSampler:
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.lo, self.hi = rank * n // world, (rank + 1) * n // world
         self.rank = rank
+        self.doc_starts = None if doc_starts is None else np.asarray(doc_starts, dtype=np.int64)
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, micro, self.rank])
@@ -175,7 +192,13 @@ class BatchSampler:
         T = self.seq_len
         x = np.stack([np.asarray(self.tokens[o : o + T + 1], dtype=np.int64) for o in offs])
         x = torch.from_numpy(x)
-        return x[:, :-1], x[:, 1:]
+        if self.doc_starts is None:
+            return x[:, :-1], x[:, 1:]
+        y = x[:, 1:].clone()
+        for r, o in enumerate(offs):  # targets at token offsets o + 1 .. o + T that start a document
+            a, b = np.searchsorted(self.doc_starts, [o + 1, o + T + 1])
+            y[r, torch.from_numpy(self.doc_starts[a:b] - o - 1)] = -100
+        return x[:, :-1], y
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: Optional[int] = None):

@@ -91,6 +91,11 @@ def sdpa_replacement(stats, query, key, value, attn_mask=None, dropout_p=0.0, is
     why = None
     if attn_mask is not None:
         why = "mask"
+        if dropout_p == 0.0 and (enable_gqa or key.shape[1] == query.shape[1]):
+            out = mask_kernel(query, key, value, attn_mask, scale)
+            if out is not None:
+                count(stats, "attention_fused_varlen")
+                return out.transpose(1, 2)
     elif dropout_p != 0.0:
         why = "dropout"
     else:
@@ -133,36 +138,127 @@ class SDPAMode(TorchFunctionMode):
 #   dropout / scaling are keywords; the return value is (output (B, Nq, Hq, D), None).
 #   SDPA's `is_causal` is only used when Nq > 1 and no mask; with Nk > Nq (prefill into an empty static cache)
 #   it is top-left aligned, which sdpa_attention_forward expresses by cropping k/v to the first Nq positions.
-#   Masks: bidirectional key-padding (right-padded encoder batches) runs the kernel per sequence on its valid
-#   keys; every other mask (causal + padding, packed sequences, sliding windows) runs the reference path.
+#   Masks (mask_kernel): key padding, left or right, causal or not (padded batches, left-padded generate) runs
+#   flash_attention(seqused_k=, seqstart_k=); block-diagonal causal masks (packed documents, from restarting
+#   position_ids) and the cu_seq_lens_q/k keyword arguments run flash_attention_varlen on the flattened rows;
+#   any other mask (holes, sliding windows) runs the reference path, counted as attention_fallback_mask.
 
 
-def _key_padding_varlen(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
-    """Bidirectional attention with a key-padding mask (BERT-style padded batches): each sequence's valid keys
-    are a prefix, the same for every query row. Run the kernel per sequence on its valid keys (what SDPA with
-    that mask computes, padded query rows included). Eager only: the lengths are read from the mask.
-    Returns (B, Nq, Hq, D) or None when the mask is anything else."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (causal or dropout != 0.0 or torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4
-            or mask.shape[1] != 1 or mask.shape[0] != query.shape[0] or mask.shape[2] != query.shape[2]
-            or mask.shape[3] != key.shape[2]
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or kwargs.get("s_aux") is not None):
+def _intervals(m: torch.Tensor):
+    """m: bool (B, Nq, Nk). Per row: first and one-past-last visible key (lo, hi), and whether it sees any."""
+    nk = m.shape[-1]
+    any_row = m.any(-1)
+    lo = m.int().argmax(-1)
+    hi = nk - m.flip(-1).int().argmax(-1)
+    return any_row, torch.where(any_row, lo, 0), torch.where(any_row, hi, 0)
+
+
+def _causal_br(nq: int, nk: int, device) -> torch.Tensor:
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    return torch.arange(nk, device=device)[None, :] <= i  # (Nq, Nk) bottom-right aligned
+
+
+def analyze_mask(mask: torch.Tensor, nq: int, nk: int):
+    """What a boolean (B, 1, Nq, Nk) mask (True = attend) is, when the kernels can run it without it:
+      ("range", causal, key_start, key_end): causal (bottom-right) or not, batch entry b sees keys
+          [key_start[b], key_end[b]) (left / right padding, padded generate);
+      ("packed", cu_seqlens, max_len): Nq == Nk, causal within documents packed along each row of the batch
+          (block-diagonal causal, as transformers builds from restarting position_ids);
+      None otherwise. Reads the mask (host syncs): eager only; the caller caches the answer per mask tensor."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (nq, nk):
+        return None
+    m = mask[:, 0]  # (B, Nq, Nk)
+    B = m.shape[0]
+    any_row, lo, hi = _intervals(m)
+    ks = torch.where(any_row, lo, nk).amin(-1)  # (B,)
+    ke = hi.amax(-1)
+    ke = torch.maximum(ke, ks)
+    j = torch.arange(nk, device=m.device)
+    keys = (j[None, :] >= ks[:, None]) & (j[None, :] < ke[:, None])  # (B, Nk)
+    causal = _causal_br(nq, nk, m.device)
+    exp_full = keys[:, None, :].expand(B, nq, nk)
+    exp_causal = exp_full & causal
+    checks = [(m == exp_causal).all(), (m == exp_full).all()]
+    packed = nq == nk
+    if packed:  # each row starts its document's keys: rows where lo == i start a document
+        i = torch.arange(nq, device=m.device)
+        starts = (lo == i[None, :]) & any_row  # (B, N)
+        doc = starts.int().cumsum(-1)  # (B, N): document id, 0 before the first start
+        exp_packed = (doc[:, :, None] == doc[:, None, :]) & causal & (doc[:, :, None] > 0)
+        checks.append((m == exp_packed).all())
+    ok = torch.stack(checks).tolist()  # one sync
+    if ok[0] or ok[1]:
+        return ("range", bool(ok[0]), ks.to(torch.int32), ke.to(torch.int32))
+    if packed and ok[2] and bool(any_row.all()):
+        bounds = torch.nonzero(starts.reshape(-1)).flatten()  # row 0 of every batch entry starts a document
+        cu = torch.cat([bounds, torch.tensor([B * nq], device=m.device)]).to(torch.int32)
+        return ("packed", cu, int(cu.diff().max().item()))
+    return None
+
+
+_MASK_CACHE: list = [None]  # (weakref to the mask, its version, nq, nk, analysis): layers share one mask
+
+
+def analyze_mask_cached(mask: torch.Tensor, nq: int, nk: int):
+    import weakref
+
+    c = _MASK_CACHE[0]
+    if c is not None and c[0]() is mask and c[1] == mask._version and c[2:4] == (nq, nk):
+        return c[4]
+    res = analyze_mask(mask, nq, nk)
+    try:
+        _MASK_CACHE[0] = (weakref.ref(mask), mask._version, nq, nk, res)
+    except TypeError:
+        pass
+    return res
+
+
+def _packed_call(query, key, value, cu_q, cu_k, max_q, max_k, causal, scaling):
+    """(B, H, N, D) rows flattened to (B*N, H, D), the varlen kernel, back to (B, Nq, Hq, D)."""
+    B, Hq, Nq, D = query.shape
+    flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # noqa: E731  (B*N, H, D)
+    out = fmkernels.flash_attention_varlen(flat(query), flat(key), flat(value), cu_q, cu_k, max_q, max_k,
+                                           causal=causal, softmax_scale=scaling)
+    return out.view(B, Nq, Hq, D)
+
+
+def mask_kernel(query, key, value, mask, scaling, kwargs=None):
+    """The fused kernels for a masked call they can express: packed sequences given as flash-attention keyword
+    arguments (cu_seq_lens_q/k, max_length_q/k), or a boolean mask that is key padding (left or right, causal or
+    not) or block-diagonal causal (packed documents). Returns (B, Nq, Hq, D), or None (the caller falls back).
+    Eager only: reading the mask needs the host."""
+    if torch.compiler.is_compiling() or not hasattr(fmkernels, "flash_attention_varlen"):
         return None
     query, key, value = autocast_qkv(query, key, value)
     if _kernel_reason(query, key, value) is not None:
         return None
-    keep = mask[:, 0, 0, :]  # (B, Nk)
-    lengths = keep.sum(-1)  # (B,)
-    prefix = torch.arange(keep.shape[1], device=keep.device)[None, :] < lengths[:, None]
-    if not bool((mask == keep[:, None, None, :]).all()) or not bool((keep == prefix).all()) or not bool(
-            (lengths > 0).all()):
+    B, Hq, Nq, D = query.shape
+    Nk = key.shape[2]
+    kwargs = kwargs or {}
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor):
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if cu_q.dim() != 1 or cu_q.shape != cu_k.shape or Nq != Nk:
+            return None
+        if int(cu_q[-1]) != B * Nq or int(cu_k[-1]) != B * Nk:
+            return None
+        mq = kwargs.get("max_length_q")
+        mk = kwargs.get("max_length_k")
+        mq = int(mq) if mq is not None else int(cu_q.diff().max())
+        mk = int(mk) if mk is not None else int(cu_k.diff().max())
+        return _packed_call(query, key, value, cu_q, cu_k, mq, mk, True, scaling)
+    if mask is None:
         return None
-    outs = []
-    for b, n in enumerate(lengths.tolist()):
-        kb, vb = key[b: b + 1, :, :n], value[b: b + 1, :, :n]
-        outs.append(flash_attention(query[b: b + 1], kb, vb, causal=False, softmax_scale=scaling))
-    return torch.cat(outs).transpose(1, 2).contiguous()  # (B, Nq, Hq, D)
+    info = analyze_mask_cached(mask, Nq, Nk)
+    if info is None:
+        return None
+    if info[0] == "range":
+        _, causal, ks, ke = info
+        out = fmkernels.flash_attention(query, key, value, causal=causal, softmax_scale=scaling, seqused_k=ke - ks,
+                                        seqstart_k=ks)  # (B, Hq, Nq, D)
+        return out.transpose(1, 2)
+    _, cu, mx = info
+    return _packed_call(query, key, value, cu, cu, mx, mx, True, scaling)
 
 
 def make_hf_attention(hf_fallback):
@@ -172,11 +268,14 @@ def make_hf_attention(hf_fallback):
                                     is_causal=None, **kwargs):
         stats = getattr(module, "_fmkernels_stats", None)
         why = None
-        if attention_mask is not None:
-            out = _key_padding_varlen(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        packed_kw = kwargs.get("cu_seq_lens_q") is not None
+        if (attention_mask is not None or packed_kw) and dropout == 0.0 and kwargs.get("position_bias") is None \
+                and kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+            out = mask_kernel(query, key, value, attention_mask, scaling, kwargs)
             if out is not None:
                 count(stats, "attention_fused_varlen")
-                return out, None
+                return out.contiguous(), None
+        if attention_mask is not None:
             why = "mask"
         elif dropout != 0.0:
             why = "dropout"

@@ -91,10 +91,15 @@ class Attention(nn.Module):
         self.wo = fnn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0, docs: Optional[tuple] = None) -> torch.Tensor:
         B, N, _ = x.shape
         Hq, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, N, Hq + 2 * Hk, D)  # (B, N, Hq + 2Hk, D)
+        if docs is not None:  # packed documents: cos/sin per token (B * N, D/2), varlen attention over the rows
+            cu, max_len = docs
+            q, k, v = ops.rope_qkv(qkv.view(1, B * N, Hq + 2 * Hk, D), Hq, cos, sin)  # (1, B * N, H, D)
+            y = ops.flash_attention_varlen(q[0], k[0], v[0].contiguous(), cu, cu, max_len, max_len, causal=True)
+            return self.wo(y.reshape(B, N, Hq * D))  # (B, N, dim)
         q, k, v = ops.rope_qkv(qkv, Hq, cos, sin)  # q, k rotated (B, N, H, D) contiguous; v a view of qkv
         if torch.is_grad_enabled():
             # attention saves v for its backward: as a view it would keep all of qkv alive until then (d384 x 6,
@@ -128,8 +133,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+                cache: Optional[KVCache] = None, layer: int = 0, docs: Optional[tuple] = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -165,8 +170,25 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                      cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cu_seqlens: int32 (S + 1,) documents packed along the B * N rows of idx (row-major): each attends only
+        within itself and its RoPE positions restart at 0 (no cache)."""
         B, N = idx.shape
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("Transformer: cu_seqlens (packed documents) cannot be used with a cache")
+            lens = cu_seqlens.diff().long()
+            max_len = int(lens.max()) if lens.numel() else 0
+            if max_len > self.cfg.max_seq_len:
+                raise ValueError(f"Transformer: a document of {max_len} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=B * N)  # (B * N,)
+            pos = torch.arange(B * N, device=idx.device) - starts  # restarts at each document
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B * N, D/2)
+            x = self.drop(self.tok_emb(idx))
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, None, i, (cu_seqlens, max_len))
+            return self.norm(x)
         start = 0 if cache is None else cache.length  # position of idx[:, 0]
         if cache is None and N > self.cfg.max_seq_len:
             raise ValueError(f"Transformer: sequence length {N} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -190,10 +212,11 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch_size, capacity)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
-                cache: Optional[KVCache] = None):
+                cache: Optional[KVCache] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """idx (B, N) token ids. With `cache` (see new_cache), idx continues the cached tokens: positions start at
-        cache.length and the cache grows by N."""
-        h = self.hidden_states(idx, cache)  # (B, N, dim)
+        cache.length and the cache grows by N. cu_seqlens: packed documents (see hidden_states); targets that
+        cross a document boundary should be ignore_index (-100)."""
+        h = self.hidden_states(idx, cache, cu_seqlens)  # (B, N, dim)
         if targets is None:
             return F.linear(h, self.head_weight)  # (B, N, V)
         return ops.linear_cross_entropy(h, self.head_weight, targets, reduction=reduction)

@@ -24,13 +24,33 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     backend: Optional[str] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    seqstart_k: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same signature and result as `F.scaled_dot_product_attention` for (B, H, N, D) inputs.
 
     Runs fmkernels.flash_attention when it can compute exactly the same thing: no attn_mask, no dropout, and
     for is_causal equal query and key lengths (SDPA's causal mask is top-left aligned, FlashAttention's
     bottom-right; they agree only when Nq == Nk). Otherwise falls back to PyTorch's SDPA.
+    seqused_k / seqstart_k (int32 (B,)): a padded batch without a mask, as fmkernels.flash_attention (batch entry
+    b sees keys [seqstart_k[b], seqstart_k[b] + seqused_k[b]); with is_causal, the causal mask of the padded
+    sequence); the fallback then builds the equivalent boolean mask.
     """
+    if seqused_k is not None or seqstart_k is not None:
+        if attn_mask is not None:
+            raise ValueError("scaled_dot_product_attention: give attn_mask or seqused_k / seqstart_k, not both")
+        if dropout_p == 0.0 and (not is_causal or query.shape[-2] == key.shape[-2]) and (
+                enable_gqa or query.shape[1] == key.shape[1]):
+            return ops.flash_attention(query, key, value, causal=is_causal, softmax_scale=scale, backend=backend,
+                                       seqused_k=seqused_k, seqstart_k=seqstart_k)
+        B, Nq, Nk = query.shape[0], query.shape[-2], key.shape[-2]
+        start = seqstart_k if seqstart_k is not None else torch.zeros(B, dtype=torch.int32, device=query.device)
+        end = start + seqused_k if seqused_k is not None else torch.full_like(start, Nk)
+        j = torch.arange(Nk, device=query.device)
+        attn_mask = ((j >= start[:, None]) & (j < end[:, None]))[:, None, None, :]  # (B, 1, 1, Nk)
+        if is_causal:
+            attn_mask = attn_mask & torch.ones(Nq, Nk, dtype=torch.bool, device=query.device).tril()
+            is_causal = False
     if (
         attn_mask is None
         and dropout_p == 0.0
@@ -86,16 +106,40 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, **kw)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, **kw)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope=None,
+        *,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        seqused_k: Optional[torch.Tensor] = None,
+        seqstart_k: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x (B, N, dim). cu_seqlens (int32 (S + 1,), with max_seqlen): documents packed along the B * N rows
+        (each attends only within itself; fmkernels.flash_attention_varlen). seqused_k / seqstart_k (int32 (B,)):
+        a padded batch (fmkernels.flash_attention). rope sees (B, H, N, hd) and must use the matching positions
+        (restarting per document when packed)."""
         B, N, _ = x.shape  # (B, N, dim)
         q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd), strided view
         k = self.k_proj(x).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
         v = self.v_proj(x).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q, k)
+        if cu_seqlens is not None:
+            if seqused_k is not None or seqstart_k is not None:
+                raise ValueError("Attention: give cu_seqlens or seqused_k / seqstart_k, not both")
+            if max_seqlen is None:
+                max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+            flat = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], self.head_dim)  # noqa: E731
+            o = ops.flash_attention_varlen(
+                flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+                window_size=self.window_size, softmax_scale=self.softmax_scale, backend=self.backend,
+            )  # (B * N, H, hd)
+            return self.o_proj(o.reshape(B, N, self.n_heads * self.head_dim))
         o = ops.flash_attention(
             q, k, v, causal=self.causal, window_size=self.window_size, softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.backend, seqused_k=seqused_k, seqstart_k=seqstart_k,
         )  # (B, H, N, hd)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))
 

@@ -46,6 +46,44 @@ def _bwd_fake(grad_out, q, k, v, out, lse, scale, window_left, window_right):
     )
 
 
+define(
+    "flash_attention_range_fwd(Tensor q, Tensor k, Tensor v, Tensor key_start, Tensor key_end, float scale, "
+    "int window_left, int window_right) -> (Tensor, Tensor)"
+)
+define(
+    "flash_attention_range_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor key_start, Tensor key_end, float scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("fmkernels::flash_attention_range_fwd")
+def _range_fwd_fake(q, k, v, key_start, key_end, scale, window_left, window_right):
+    return _fwd_fake(q, k, v, scale, window_left, window_right)
+
+
+@torch.library.register_fake("fmkernels::flash_attention_range_bwd")
+def _range_bwd_fake(grad_out, q, k, v, out, lse, key_start, key_end, scale, window_left, window_right):
+    return _bwd_fake(grad_out, q, k, v, out, lse, scale, window_left, window_right)
+
+
+def _range_setup_context(ctx, inputs, output):
+    q, k, v, key_start, key_end, scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_start, key_end)
+    ctx.args = (scale, window_left, window_right)
+
+
+def _range_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, ks, ke = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fmkernels.flash_attention_range_bwd(grad_out.to(q.dtype), q, k, v, out, lse, ks, ke,
+                                                               *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("fmkernels::flash_attention_range_fwd", _range_backward,
+                                setup_context=_range_setup_context)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, window_left, window_right = inputs
     out, lse = output
@@ -107,7 +145,56 @@ OP.register(
 OP.register(_dispatch.Backend("reference", _reference, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
 
 
+# A padded batch: batch entry b sees keys [key_start[b], key_end[b]) only (seqused_k / seqstart_k).
+def _range_compiled(q, k, v, key_start, key_end, scale, left, right):
+    return torch.ops.fmkernels.flash_attention_range_fwd(q, k, v, key_start, key_end, scale, left, right)
+
+
+def _range_reference(q, k, v, key_start, key_end, scale, left, right):
+    return ref.flash_attention(q, k, v, window_size=(left, right), softmax_scale=scale, return_lse=True,
+                               key_start=key_start, key_end=key_end)
+
+
+RANGE_OP = _dispatch.op("flash_attention_seqused")
+RANGE_OP.register(
+    _dispatch.Backend("cpu", _range_compiled, devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",),
+                      check=_head_dim_ok)
+)
+RANGE_OP.register(_dispatch.Backend("reference", _range_reference, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
+
+
 __all__ = ["flash_attention"]
+
+
+def _key_range(op: str, seqused_k, seqstart_k, B: int, Nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_start, key_end) int32 (B,) from seqused_k / seqstart_k, validated in one vectorized pass (one host
+    sync; skipped while torch.compile traces, where the kernel's own host check still refuses bad values)."""
+    for name, t in (("seqused_k", seqused_k), ("seqstart_k", seqstart_k)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be an int32 torch.Tensor of shape (B,), got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{op}: {name} must have dtype int32, got {t.dtype}")
+        if t.shape != (B,):
+            raise ValueError(f"{op}: {name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} must be on q's device {device}, got {t.device}")
+    start = seqstart_k if seqstart_k is not None else torch.zeros(B, dtype=torch.int32, device=device)
+    end = start + seqused_k if seqused_k is not None else torch.full((B,), Nk, dtype=torch.int32, device=device)
+    if not torch.compiler.is_compiling() and B > 0:
+        lo_s, lo_u, hi_e = torch.stack(
+            [start.amin(), (end - start).amin(), end.amax()]
+        ).tolist()  # one sync
+        if lo_s < 0:
+            raise ValueError(f"{op}: seqstart_k must be >= 0, got {lo_s}")
+        if lo_u < 0:
+            raise ValueError(f"{op}: seqused_k must be >= 0, got {lo_u}")
+        if hi_e > Nk:
+            what = "seqstart_k + seqused_k" if seqstart_k is not None and seqused_k is not None else (
+                "seqused_k" if seqused_k is not None else "seqstart_k")
+            raise ValueError(f"{op}: {what} must be <= the keys N = k.shape[2] = {Nk}, got {hi_e}")
+    return start, end
 
 
 def _check_window(window_size) -> tuple[int, int]:
@@ -134,6 +221,8 @@ def flash_attention(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    seqstart_k: Optional[torch.Tensor] = None,
 ):
     """softmax(q k^T * softmax_scale + mask) v without materializing the (Nq, Nk) score matrix.
 
@@ -146,6 +235,11 @@ def flash_attention(
     softmax_scale: default 1/sqrt(D). return_lse: also return the fp32 log-sum-exp (B, Hq, Nq) (not
     differentiable). Differentiable in q, k, v; the CPU backward is deterministic.
     backend: "cpu" | "cuda" | "triton" | "reference" forces one (default: the fastest that fits; FMK_BACKEND).
+    seqused_k / seqstart_k: int32 (B,) on q's device, a padded batch without an (N, N) mask: batch entry b sees
+    only keys [seqstart_k[b], seqstart_k[b] + seqused_k[b]) (right padding: seqused_k = lengths; left padding:
+    seqstart_k = Nk - lengths; defaults 0 and Nk - seqstart_k). The causal / window mask keeps the positions of
+    the padded sequence (as a 2-D attention mask does; unlike FlashAttention's seqused_k, which re-aligns causal
+    to the used length). Key blocks outside the range are skipped. Rows that see no key give zeros.
     """
     op = "fmkernels.flash_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -186,6 +280,11 @@ def flash_attention(
             raise ValueError(f"{op}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
         scale = float(softmax_scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if seqused_k is not None or seqstart_k is not None:
+        key_start, key_end = _key_range(op, seqused_k, seqstart_k, B, Nk, q.device)
+        impl = RANGE_OP.select(_dispatch.Query(device=q.device.type, dtype=q.dtype, shape=(D, Nq)), backend)
+        out, lse = impl.fn(q, k, v, key_start, key_end, scale, left, right)
+        return (out, lse) if return_lse else out
     qry = _dispatch.Query(device=q.device.type, dtype=q.dtype, shape=(D, Nq), extra=(("grad", grad),))
     impl = OP.select(qry, backend)
     out, lse = impl.fn(q, k, v, scale, left, right)

@@ -36,10 +36,14 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
+    key_start: Optional[torch.Tensor] = None,
+    key_end: Optional[torch.Tensor] = None,
 ):
     """softmax(q k^T * scale + mask) v in fp32; output in q's dtype; lse (B, Hq, Nq) fp32 if return_lse.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (grouped-query attention).
+    key_start / key_end: (B,) ints: batch entry b sees only keys [key_start[b], key_end[b]) (a padded batch; the
+    causal / window mask keeps its positions in the padded sequence).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -53,6 +57,11 @@ def flash_attention(
         vf = vf.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
     mask = attention_mask(Nq, Nk, left, right, device=q.device)
+    if key_start is not None:
+        j = torch.arange(Nk, device=q.device)
+        keys = (j >= key_start.to(q.device).long()[:, None]) & (j < key_end.to(q.device).long()[:, None])  # (B, Nk)
+        keys = keys[:, None, None, :]  # (B, 1, 1, Nk)
+        mask = keys if mask is None else keys & mask
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
         empty = ~mask.any(dim=-1, keepdim=True)  # (Nq, 1): rows that see no key

@@ -40,6 +40,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     # ---- optimization
     seq_len: int = 256
+    # "document": documents packed into seq_len windows attend only within themselves (varlen attention), RoPE
+    # positions restart per document, the target across a boundary is ignored; "concat": one stream (before)
+    pack_mode: str = "document"
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1_000_000
@@ -162,6 +165,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, "must be a positive integer")
+        if self.pack_mode not in ("document", "concat"):
+            bad("pack_mode", "must be 'document' or 'concat'")
         if self.keep_last < 2:
             bad("keep_last", "must be >= 2 (resume falls back to the previous checkpoint)")
         if self.lr <= 0:

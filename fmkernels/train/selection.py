@@ -227,7 +227,9 @@ def build_selection(cfg, data, mcfg: TransformerConfig, info, device, model_fn, 
     """The sampler of a run: BatchSampler (select_mode none), or an online / offline selecting sampler."""
     mode = cfg.select_mode
     if mode == "none":
-        return Selection(BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world))
+        docs = data.train_docs if getattr(cfg, "pack_mode", "concat") == "document" else None
+        return Selection(BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world,
+                                      doc_starts=docs))
     fwd = forward_flops_per_token(mcfg, cfg.seq_len)
     ref = None
     if cfg.select_reference:

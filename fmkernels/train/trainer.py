@@ -432,12 +432,25 @@ class Trainer:
                 raise ConfigError(f"config: tensorboard=true needs the tensorboard package ({e})") from e
             self.tb = SummaryWriter(str(self.out / "tb"))
 
+    def _documents(self, y):
+        """cu_seqlens of the documents in a batch (pack_mode=document, our Transformer, no task heads)."""
+        if getattr(self.cfg, "pack_mode", "concat") != "document" or self.tasks is not None:
+            return None
+        from ..models.transformer import Transformer
+
+        if not isinstance(unwrap(self.model), Transformer):
+            return None
+        from ..data.packing import document_cu_seqlens
+
+        return document_cu_seqlens(y)
+
     def train_step(self) -> tuple[float, float]:
         cfg = self.cfg
         model = self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
+            cu = self._documents(y)  # pack_mode=document: where the windows split into documents (else None)
             if self.augment.active:  # training batches only; keyed by (seed, step, micro, rank): resumable
                 from ..data.augment import augment_batch
 
@@ -450,6 +463,8 @@ class Trainer:
                 with self._autocast():
                     if self.tasks is not None:
                         loss = self.tasks.loss(unwrap(model), self.step, micro, (x, y))
+                    elif cu is not None:
+                        loss = model(x, y, cu_seqlens=cu.to(self.device))
                     else:
                         loss = model(x, y)
                 (loss / cfg.grad_accum).backward()

@@ -26,7 +26,7 @@ import torch
 
 from .. import _dispatch, _ext
 from .._library import define
-from .._validation import FLOAT_DTYPES, check_tensor
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import quant as ref
 
 define("quantize_per_row(Tensor x) -> (Tensor, Tensor)")
@@ -255,6 +255,7 @@ def int8_mm(
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be float32, bfloat16, float16 or int32, got {out_dtype}")
     _check_int8_packed(op, a.shape[1], b_packed, b_comp, b_scale, bias)
+    check_same_device(op, a=a, a_scale=a_scale, b_packed=b_packed, b_comp=b_comp, b_scale=b_scale, bias=bias)
     impl = _select_cached("int8_mm", a.device.type, out_dtype, backend, *_env_key())  # no shape-dependent checks
     return impl.fn(a.contiguous(), a_scale.float().contiguous(), b_packed, b_comp, b_scale, bias, out_dtype)
 
@@ -273,6 +274,7 @@ def int8_linear(
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1, op=op)
     K = x.shape[-1]
     N = _check_int8_packed(op, K, b_packed, b_comp, b_scale, bias)
+    check_same_device(op, x=x, b_packed=b_packed, b_comp=b_comp, b_scale=b_scale, bias=bias)
     x2 = x.reshape(-1, K)
     impl = INT8_LINEAR_OP.select(_dispatch.Query(x.device.type, x.dtype, (x2.shape[0], N, K)), backend)
     y = impl.fn(x2.contiguous(), b_packed, b_comp, b_scale, bias)
@@ -355,6 +357,7 @@ def int4_mm(
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
     if act_terms not in (1, 2):
         raise ValueError(f"{op}: act_terms must be 1 or 2, got {act_terms!r}")
+    check_same_device(op, x=x, w_packed=w_packed, scale=scale, zero=zero, bias=bias)
     x2 = x.reshape(-1, K)
     impl = INT4_OP.select(_dispatch.Query(x.device.type, x.dtype, (x2.shape[0], n, K, group_size)), backend)
     y = impl.fn(x2.contiguous(), w_packed, scale, zero, group_size, n, bias, act_terms)

@@ -1,0 +1,143 @@
+"""Issue 21's bad-input reproductions: every one gets a clear Python error naming the argument (never a crash,
+never uninitialized memory, never a silently wrong answer)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fmkernels as fk
+from fmkernels.nn.quantized import Int4Linear, Int8Linear
+from fmkernels.ops import quant as q
+from fmkernels.ops import sparse as sp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- BSR indices
+
+
+def _bsr():
+    torch.manual_seed(0)
+    return sp.compress_bsr(torch.randn(64, 64), 16)
+
+
+BAD_BSR = {
+    "interior row_ptr huge": (lambda rp, ci: rp.__setitem__(1, 10**6), "row_ptr must be non-decreasing"),
+    "interior row_ptr negative": (lambda rp, ci: rp.__setitem__(2, -3), "row_ptr must be non-decreasing"),
+    "non-monotonic row_ptr": (lambda rp, ci: (rp.__setitem__(1, 6), rp.__setitem__(2, 5)), "non-decreasing"),
+    "first entry": (lambda rp, ci: rp.__setitem__(0, 1), "row_ptr must start at 0"),
+    "last entry": (lambda rp, ci: rp.__setitem__(-1, 3), "end at nnzb"),
+    "col_idx out of range": (lambda rp, ci: ci.__setitem__(0, 4), r"col_idx entries must be in \[0, K/b\)"),
+    "col_idx negative": (lambda rp, ci: ci.__setitem__(5, -1), r"col_idx entries must be in"),
+    "duplicate block": (lambda rp, ci: ci.__setitem__(1, int(ci[0])), "strictly ascending"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BSR))
+@pytest.mark.parametrize("where", ["bsr_mm", "bsr_mm_backward", "decompress_bsr", "state_dict"])
+def test_bsr_indices_are_validated(case, where):
+    mutate, msg = BAD_BSR[case]
+    blocks, rp, ci = _bsr()
+    mutate(rp, ci)
+    x = torch.randn(4, 64, requires_grad=True)
+    with pytest.raises((ValueError, RuntimeError), match=msg):
+        if where == "bsr_mm":
+            sp.bsr_mm(x, blocks, rp, ci)
+        elif where == "bsr_mm_backward":
+            sp.bsr_mm(x, blocks.requires_grad_(), rp, ci).sum().backward()
+        elif where == "decompress_bsr":
+            sp.decompress_bsr(blocks, rp, ci, 64)
+        else:
+            lin = fk.nn.SparseLinear.from_dense(torch.nn.Linear(64, 64), format="bsr", block_size=16)
+            sd = dict(lin.state_dict(), blocks=blocks, row_ptr=rp, col_idx=ci)
+            lin.load_state_dict(sd)
+
+
+def test_bsr_state_dict_checked_before_loading():
+    lin = fk.nn.SparseLinear.from_dense(torch.nn.Linear(64, 64), format="bsr", block_size=16)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    blocks, rp, ci = _bsr()
+    rp[1] = 10**6
+    with pytest.raises(RuntimeError, match=r"SparseLinear.load_state_dict.*row_ptr"):
+        lin.load_state_dict(dict(lin.state_dict(), blocks=blocks, row_ptr=rp, col_idx=ci))
+    assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())
+    good = _bsr()
+    lin.load_state_dict(dict(lin.state_dict(), blocks=good[0], row_ptr=good[1], col_idx=good[2]))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(lin(x), x @ sp.decompress_bsr(*good, 64).t() + lin.bias)
+
+
+def test_bsr_segfault_reproduction_in_a_subprocess():
+    """The issue's one-liner, in its own process: it must exit with a Python error, not a signal."""
+    code = ("import torch, fmkernels as fk\n"
+            "b, rp, ci = fk.compress_bsr(torch.randn(64, 64), 16); rp[1] = 10**6\n"
+            "fk.bsr_mm(torch.randn(4, 64), b, rp, ci)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert r.returncode == 1 and "ValueError" in r.stderr and "row_ptr" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_index_checks_are_redone_after_an_in_place_change():
+    blocks, rp, ci = _bsr()
+    x = torch.randn(2, 64)
+    sp.bsr_mm(x, blocks, rp, ci)  # valid: passes (and is remembered)
+    rp[1] = 10**6  # same tensor object, new version
+    with pytest.raises(ValueError, match="row_ptr"):
+        sp.bsr_mm(x, blocks, rp, ci)
+
+
+# ---------------------------------------------------------------- 2:4 metadata
+
+
+def test_24_duplicate_positions_are_rejected():
+    torch.manual_seed(0)
+    w = torch.randn(8, 72)
+    v, m = sp.compress_24(w, prune=True)
+    x = torch.randn(3, 72)
+    sp.sparse24_mm(x, v, m)
+    dup = m.clone()
+    dup[3, 0] = 0  # every group of word 0 of row 3 keeps position 0 twice
+    for f in (lambda: sp.sparse24_mm(x, v, dup), lambda: sp.decompress_24(v, dup),
+              lambda: sp.sparse24_int8_mm(torch.ones(3, 72, dtype=torch.int8), torch.ones(8, 36, dtype=torch.int8), dup)):
+        with pytest.raises(ValueError, match="meta row 3 is not valid 2:4 metadata"):
+            f()
+    pad = m.clone()
+    pad[5, -1] |= 1 << 30  # a padding field (K = 72: 18 groups, the last word holds 2)
+    with pytest.raises(ValueError, match="meta row 5"):
+        sp.sparse24_mm(x, v, pad)
+    lin = fk.nn.SparseLinear.from_dense(torch.nn.Linear(72, 8), format="2:4", prune=True)
+    with pytest.raises(RuntimeError, match="2:4 metadata"):
+        lin.load_state_dict(dict(lin.state_dict(), meta=dup))
+
+
+def test_24_fresh_module_has_valid_metadata():
+    lin = fk.nn.SparseLinear(64, 16)
+    assert lin(torch.randn(2, 64)).shape == (2, 16)
+
+
+# ---------------------------------------------------------------- devices: no fake kernel on real data
+
+
+@pytest.mark.parametrize("make", [lambda: Int8Linear(128, 32), lambda: Int4Linear(128, 32),
+                                  lambda: torch.nn.Linear(128, 32)], ids=["Int8Linear", "Int4Linear", "nn.Linear"])
+def test_meta_module_on_cpu_input_raises(make):
+    with torch.device("meta"):
+        mod = make()
+    with pytest.raises((ValueError, RuntimeError), match="meta"):
+        mod(torch.randn(2, 128))
+
+
+def test_quant_ops_with_meta_weights_raise():
+    w = torch.randn(32, 128)
+    packed, comp, scale = q.int8_quantize_weight(w)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    a, a_s = q.quantize_per_row(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="int8_mm: b_packed is on meta"):
+        q.int8_mm(a, a_s, meta(packed), meta(comp), meta(scale))
+    with pytest.raises(ValueError, match="int8_linear: b_packed is on meta"):
+        q.int8_linear(torch.randn(2, 128), meta(packed), meta(comp), meta(scale))
+    p4, s4, z4 = q.int4_quantize_weight(w)
+    with pytest.raises(ValueError, match="int4_mm: w_packed is on meta"):
+        q.int4_mm(torch.randn(2, 128), meta(p4), meta(s4), meta(z4), 128, 32)

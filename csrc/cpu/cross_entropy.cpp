@@ -6,6 +6,8 @@
 //          logits <- scale * (softmax(z) - onehot(t))   (the gradient of scale * loss)
 // Rows whose target == ignore_index get loss 0 and a zero gradient row. Returns the per-row loss (C,) fp32.
 // Three passes per row over V (the row stays in L2); fp32 arithmetic; parallel over rows; deterministic.
+// Non-finite logits as in PyTorch's log_softmax: a NaN anywhere in a counted row, a +inf, or a row of all -inf
+// gives a NaN loss and a NaN gradient row (exp(NaN), exp(inf - inf), exp(-inf + inf) are NaN and reach the sum).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

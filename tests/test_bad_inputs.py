@@ -141,3 +141,46 @@ def test_quant_ops_with_meta_weights_raise():
     p4, s4, z4 = q.int4_quantize_weight(w)
     with pytest.raises(ValueError, match="int4_mm: w_packed is on meta"):
         q.int4_mm(torch.randn(2, 128), meta(p4), meta(s4), meta(z4), 128, 32)
+
+
+# ---------------------------------------------------------------- int32 accumulator overflow
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_int8_mm_long_k_never_wraps(backend):
+    """K = 140,001 with every product at +-127*128 (a = -128 allowed): the int32 sum would wrap; the op splits K."""
+    K = 140_001
+    a = torch.full((3, K), 127, dtype=torch.int8)
+    a[1] = -128
+    a[2, ::2] = -128
+    b = torch.full((20, K), 127, dtype=torch.int8)
+    b[5] = -127
+    packed, comp = q.int8_pack_weight(b)
+    want = a.double() @ b.double().t()
+    assert want.abs().max() > 2**31  # the case does overflow int32
+    y = q.int8_mm(a, torch.ones(3), packed, comp, torch.ones(20), backend=backend)
+    assert ((y.double() - want).abs() / want.abs()).max() < 1e-6
+    with pytest.raises(ValueError, match="int32 product a @ B\\^T can overflow"):
+        q.int8_mm(a, torch.ones(3), packed, comp, torch.ones(20), out_dtype=torch.int32, backend=backend)
+
+
+def test_int8_linear_long_k_matches_float():
+    from fmkernels.testing import sqnr
+
+    torch.manual_seed(0)
+    K = 140_004
+    lin = torch.nn.Linear(K, 20)
+    x = torch.randn(2, K)
+    m = Int8Linear.from_linear(lin) if hasattr(Int8Linear, "from_linear") else Int8Linear.from_float(lin)
+    with torch.no_grad():
+        assert sqnr(lin(x), m(x)) > 30
+        packed, comp, scale = q.int8_quantize_weight(lin.weight)
+        assert sqnr(lin(x), q.int8_linear(x, packed, comp, scale, lin.bias)) > 30
+
+
+def test_sparse24_int8_mm_too_long_k_is_an_error():
+    K = 262_144 + 4
+    x = torch.ones(1, K, dtype=torch.int8)
+    v, m = sp.compress_24(torch.ones(2, K, dtype=torch.int8), prune=True)
+    with pytest.raises(ValueError, match="too long for an exact int32 result"):
+        sp.sparse24_int8_mm(x, v, m)

@@ -428,6 +428,9 @@ def sparse24_int8_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         raise ValueError(f"{op}: x.shape[-1] (K={K}) must be a multiple of 4 for 2:4 sparsity")
     _check_24_format(op, values, meta, K)
     check_same_device(op, x=x, values=values, meta=meta)
+    if K // 2 > (2**31 - 1) // (128 * 128):  # K/2 products of at most 128^2 each must fit the int32 result
+        raise ValueError(f"{op}: K={K} is too long for an exact int32 result (|x @ W^T| <= K/2 * 128^2 must stay "
+                         f"below 2^31, so K <= 262,142); split K and sum the parts in int64 or float")
     x2 = _as_2d(x)
     q = _dispatch.Query(device=x.device.type, dtype=x.dtype, shape=(x2.shape[0], values.shape[0], K))
     impl = S24I8.select(q, backend)

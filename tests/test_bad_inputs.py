@@ -184,3 +184,54 @@ def test_sparse24_int8_mm_too_long_k_is_an_error():
     v, m = sp.compress_24(torch.ones(2, K, dtype=torch.int8), prune=True)
     with pytest.raises(ValueError, match="too long for an exact int32 result"):
         sp.sparse24_int8_mm(x, v, m)
+
+
+# ---------------------------------------------------------------- smaller items
+
+
+def test_fmk_cpu_isa_is_honoured_in_any_case_and_bogus_values_rejected(monkeypatch):
+    from fmkernels import _ext
+
+    if not _ext.has_cpu_ext():
+        pytest.skip("CPU extension not built")
+    for value, want in (("PORTABLE", "portable"), ("Avx2", "avx2"), ("portable", "portable")):
+        monkeypatch.setenv("FMK_CPU_ISA", value)
+        assert _ext.cpu_ext().isa() in (want, "portable")  # capped (a CPU without AVX2 reports portable)
+    monkeypatch.setenv("FMK_CPU_ISA", "PORTABLE")
+    x, w = torch.randn(3, 40), torch.randn(40)
+    torch.testing.assert_close(fk.rms_norm(x, w, backend="cpu"), fk.rms_norm(x, w, backend="reference"))
+    monkeypatch.setenv("FMK_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="FMK_CPU_ISA must be one of portable, avx2, avx512"):
+        fk.rms_norm(x, w, backend="cpu")
+    with pytest.raises(ValueError, match="FMK_CPU_ISA"):
+        _ext.cpu_ext().isa()
+    assert fk.info()["cpu_isa_in_use"].startswith("error: FMK_CPU_ISA")  # fmk info reports it, no traceback
+
+
+def test_sdpa_accepts_v_with_another_head_dim():
+    import torch.nn.functional as F
+
+    q_, k_ = torch.randn(2, 3, 9, 32), torch.randn(2, 3, 11, 32)
+    v_ = torch.randn(2, 3, 11, 48)
+    torch.testing.assert_close(fk.nn.scaled_dot_product_attention(q_, k_, v_), F.scaled_dot_product_attention(q_, k_, v_))
+
+
+@pytest.mark.parametrize("window", [(2**40, 0), (2**64, 2**64), (3, 2**63)])
+def test_huge_window_sizes_mean_unbounded(window):
+    q_ = torch.randn(1, 2, 8, 32)
+    want = fk.flash_attention(q_, q_, q_, window_size=tuple(-1 if w > 100 else w for w in window))
+    assert torch.equal(fk.flash_attention(q_, q_, q_, window_size=window), want)
+
+
+def test_attention_module_wrong_input_width():
+    att = fk.nn.Attention(64, 4)
+    with pytest.raises(ValueError, match=r"Attention: x must have shape \(B, N, dim=64\), got \(2, 5, 63\)"):
+        att(torch.randn(2, 5, 63))
+    with pytest.raises(ValueError, match="Attention: x must have shape"):
+        att(torch.randn(5, 64))
+
+
+def test_meta_tensors_in_the_loss_give_shapes():
+    x = torch.empty(4, 8, device="meta")
+    loss = fk.linear_cross_entropy(x, torch.empty(10, 8, device="meta"), torch.empty(4, dtype=torch.long, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()

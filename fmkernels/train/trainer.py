@@ -552,7 +552,10 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._eval_and_log(cfg.eval_tokens, final=False)
                 if self.step % cfg.save_every == 0:
-                    self.save()
+                    try:
+                        self.save()
+                    except KeyboardInterrupt:  # two Ctrl-C during the save, delivered once it completed: stop
+                        sig.received = signal.SIGINT
                 signum = sig.received
                 if info.world > 1:
                     signum = int(self._all_max(float(signum or 0))) or None

@@ -56,7 +56,7 @@ test: build
 # The long fuzz profile: every non-attention op vs fp64 under the 2x rule, FMK_FUZZ_SECONDS (240) per op, seeded by
 # FMK_FUZZ_SEED (21); `make test` runs the same suite ~4 s per op.
 fuzz: build
-	FMK_FUZZ=long $(PY) -m pytest -q -ra tests/test_fuzz.py
+	FMK_FUZZ=long $(PY) -m pytest -q -ra -s tests/test_fuzz.py
 
 # Every op through its reference backend: proves the fallbacks are real.
 test-reference: build

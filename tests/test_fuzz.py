@@ -64,6 +64,7 @@ def fuzz(strategy):
             except _TimeUp:
                 pass
             assert runs, "no example ran within the budget"
+            print(f"{check.__name__}: {len(runs)} examples in {BUDGET_S:.0f} s (seed {SEED})")  # shown with -s / -rP
 
         test.__name__ = check.__name__
         return test

@@ -25,7 +25,7 @@ EDITABLE_STAMP := $(VENV)/.stamp-editable
 BUILD_STAMP    := $(VENV)/.stamp-build
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all venv build test test-reference train bench info gpu-check clean
+.PHONY: all venv build test test-reference fuzz train bench info gpu-check clean
 
 all: build
 
@@ -57,6 +57,11 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q -ra tests
+
+# The long fuzz profile: every non-attention op vs fp64 under the 2x rule, FMK_FUZZ_SECONDS (240) per op, seeded by
+# FMK_FUZZ_SEED (21); `make test` runs the same suite ~4 s per op.
+fuzz: build
+	FMK_FUZZ=long $(PY) -m pytest -q -ra -s tests/test_fuzz.py
 
 # Every op through its reference backend: proves the fallbacks are real.
 test-reference: build

@@ -47,7 +47,7 @@ def info() -> dict:
         "cuda_extension": status.get("fmkernels._C_cuda", {}),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": {k: feats.get(k, False) for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")},
-        "cpu_isa_in_use": cpu_ext.isa() if cpu_ext is not None else "n/a (extension not loaded)",
+        "cpu_isa_in_use": _isa_in_use(cpu_ext),
         "threads": torch.get_num_threads(),
         "gpu": gpu,
         "ops": ops,
@@ -73,3 +73,12 @@ def format_info(d: dict) -> str:
     for name, o in d["ops"].items():
         lines.append(f"{name:<22}{o['cpu']:<18}{o['cuda']:<18}{', '.join(o['backends'])}")
     return "\n".join(lines)
+
+
+def _isa_in_use(cpu_ext) -> str:
+    if cpu_ext is None:
+        return "n/a (extension not loaded)"
+    try:
+        return cpu_ext.isa()
+    except ValueError as e:  # a bad FMK_CPU_ISA: every CPU kernel call raises the same message
+        return f"error: {e}"

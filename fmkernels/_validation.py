@@ -1,6 +1,7 @@
 """Input checks shared by the public ops: every error names the argument, what it got and what was expected."""
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -52,3 +53,38 @@ def check_dim_size(name: str, t: torch.Tensor, dim: int, expected: int, what: st
     prefix = f"{op}: " if op else ""
     if t.shape[dim] != expected:
         raise ValueError(f"{prefix}{name}.shape[{dim}] must equal {what} ({expected}), got shape {tuple(t.shape)}")
+
+
+# ---------------------------------------------------------------- index tensors a kernel trusts
+
+_CHECKED: dict = {}  # id(first tensor) -> (weak refs to the tensors, versions + extra); dropped with the tensor
+
+
+def _skip_value_checks(tensors) -> bool:
+    """Values cannot be read under tracing or for fake / meta tensors (shapes were checked already)."""
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if t.device.type == "meta" or type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
+            return True
+    return False
+
+
+def check_index_values(check, *tensors, extra=()) -> None:
+    """Run `check()` (vectorized; raises ValueError naming the argument) unless these very tensors, unchanged since
+    (same objects, same version counters) and with the same `extra` (shapes they are checked against), passed it
+    before: a module's index buffers are read once per weight update, not once per call."""
+    if _skip_value_checks(tensors):
+        return
+    try:
+        sig = (tuple(t._version for t in tensors), tuple(extra))
+    except RuntimeError:  # inference tensors have no version counter: always check
+        check()
+        return
+    key = id(tensors[0])
+    seen = _CHECKED.get(key)
+    if seen is not None and seen[1] == sig and all(r() is t for r, t in zip(seen[0], tensors)):
+        return
+    check()
+    refs = [weakref.ref(tensors[0], lambda r, k=key: _CHECKED.pop(k, None))] + [weakref.ref(t) for t in tensors[1:]]
+    _CHECKED[key] = (refs, sig)

@@ -63,11 +63,18 @@ def _cmd_train(args, prog: str = "fmk train") -> int:
     from .train.checkpoint import CheckpointError
 
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    from .train.checkpoint import USER_ERRNOS, describe_os_error
+
     try:
         cfg = TrainConfig.build(args._config, overrides)
         summary = train(cfg)
     except (ConfigError, CorpusError, CheckpointError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only out_dir: one sentence, no traceback
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"{prog}: {describe_os_error(e, 'cannot write the run directory')}", file=sys.stderr)
         return 2
     return int(summary.get("exit_code", 0))
 
@@ -165,10 +172,16 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .data.corpus import CorpusError
+    from .train.checkpoint import CheckpointError
     from .train.evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size)
+    try:
+        r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size)
+    except (CheckpointError, CorpusError) as e:
+        print(f"fmk eval: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(r, indent=1) if args.json else
           f"{r['checkpoint']} (step {r['step']}): validation loss {r['val_loss']:.4f}, "
           f"{r['val_bpb']:.4f} bits per byte over {r['tokens']:,} tokens / {r['bytes']:,} bytes of {r['corpus']} "
@@ -177,10 +190,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from .train.checkpoint import CheckpointError
     from .train.evaluate import load_model
     from .train.generate import generate
 
-    model, tok, _ = load_model(args.checkpoint)
+    try:
+        model, tok, _ = load_model(args.checkpoint)
+    except CheckpointError as e:
+        print(f"fmk generate: {e}", file=sys.stderr)
+        return 2
     text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
                     use_cache=not args.no_cache)
     print(args.prompt + text)

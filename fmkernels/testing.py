@@ -66,6 +66,41 @@ def assert_close_to_reference(
     )
 
 
+NONFINITE_RULE = """NaN / Inf semantics, one rule for every op and backend (issue 21): compare elementwise with the
+PyTorch peer run on the same inputs (F.linear for the int8 / int4 / sparse layers, F.cross_entropy for the fused
+loss, F.rms_norm, F.silu(a) * b, the fp32 reference for RoPE):
+  - where the peer is NaN, the op is NaN;
+  - where the peer is +Inf or -Inf, the op is the same Inf or NaN (a different summation order, or a quantized
+    kernel's NaN scale, may turn an overflow into NaN; never into a finite number);
+  - where the peer is finite, the op is finite (and within its tolerance: error_budget / SQNR floors).
+For the sparse matmuls the peer multiplies the stored weights only (torch.sparse semantics: a pruned weight is
+absent, not a zero, so an Inf in x facing only pruned weights does not reach the output).
+A NaN or Inf that reaches an output therefore reaches it, and nothing non-finite appears from finite data."""
+
+
+def nonfinite_mismatch(out: torch.Tensor, peer: torch.Tensor) -> Optional[str]:
+    """Why `out` breaks NONFINITE_RULE against `peer` (None when it does not)."""
+    if out.shape != peer.shape:
+        return f"shape {tuple(out.shape)} != peer {tuple(peer.shape)}"
+    o, p = out.detach().float().cpu(), peer.detach().float().cpu()
+    checks = (
+        (torch.isnan(p) & ~torch.isnan(o), "peer is NaN but the op is not"),
+        (torch.isinf(p) & ~(torch.isnan(o) | (o == p)), "peer is Inf but the op is neither the same Inf nor NaN"),
+        (torch.isfinite(p) & ~torch.isfinite(o), "peer is finite but the op is not"),
+    )
+    for bad, what in checks:
+        if bool(bad.any()):
+            i = tuple(int(v) for v in bad.nonzero()[0])
+            return f"{what} at {i} ({int(bad.sum())} elements): op {o[i].item()}, peer {p[i].item()}"
+    return None
+
+
+def assert_nonfinite_like(out: torch.Tensor, peer: torch.Tensor, name: str = "output") -> None:
+    """Assert NONFINITE_RULE: out is NaN/Inf exactly where the PyTorch peer is (see the rule's text)."""
+    why = nonfinite_mismatch(out, peer)
+    assert why is None, f"{name}: {why}"
+
+
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(||ref|| / ||ref - out||)."""
     ref64, out64 = ref.detach().double(), out.detach().double()

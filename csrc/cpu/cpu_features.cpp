@@ -4,6 +4,9 @@
 #include <cpuid.h>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
+
+#include <c10/util/Exception.h>
 
 namespace fmk::cpu {
 namespace {
@@ -43,12 +46,15 @@ CpuFeatures detect() {
   return f;
 }
 
+// FMK_CPU_ISA, any case: portable (or scalar) | avx2 | avx512; unset or empty: no cap. Anything else is an error
+// (a typo must not silently run AVX-512).
 Isa env_cap() {
   const char* s = std::getenv("FMK_CPU_ISA");
   if (s == nullptr || *s == '\0') return Isa::kAvx512;
-  if (std::strcmp(s, "portable") == 0 || std::strcmp(s, "scalar") == 0) return Isa::kPortable;
-  if (std::strcmp(s, "avx2") == 0) return Isa::kAvx2;
-  return Isa::kAvx512;
+  if (strcasecmp(s, "portable") == 0 || strcasecmp(s, "scalar") == 0) return Isa::kPortable;
+  if (strcasecmp(s, "avx2") == 0) return Isa::kAvx2;
+  if (strcasecmp(s, "avx512") == 0) return Isa::kAvx512;
+  TORCH_CHECK(false, "FMK_CPU_ISA must be one of portable, avx2, avx512 (any case) or unset, got '", s, "'");
 }
 
 }  // namespace

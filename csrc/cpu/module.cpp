@@ -2,6 +2,8 @@
 // (TORCH_LIBRARY_IMPL blocks in the other files); it also exposes CPU feature detection.
 #include <Python.h>
 
+#include <c10/util/Exception.h>
+
 #include "cpu/vec.h"
 
 namespace {
@@ -26,7 +28,14 @@ PyObject* py_cpu_features(PyObject*, PyObject*) {
   return d;
 }
 
-PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fmk::cpu::isa_name(fmk::cpu::max_isa())); }
+PyObject* py_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fmk::cpu::isa_name(fmk::cpu::max_isa()));
+  } catch (const c10::Error& e) {  // a bad FMK_CPU_ISA: ValueError, never an escaping C++ exception
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
 
 PyMethodDef methods[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPUID-detected ISA extensions (dict of bool)."},

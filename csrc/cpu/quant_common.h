@@ -4,6 +4,8 @@
 // Quantization rule (identical to fmkernels/reference/quant.py::quantize_per_row, bit for bit):
 //   amax = max |x[r, :]|  (fp32);  scale = amax / 127;  inv = amax > 0 ? 127 / amax : 0
 //   q = clamp(round_half_even(x * inv), -127, 127)
+//   a row holding a NaN or an Inf: scale = NaN (and scale2 = NaN), codes 0, so every output it reaches is NaN, as a
+//   float matmul would make it NaN or Inf (issue 21: the rule in fmkernels/testing.py, NONFINITE_RULE)
 // Optional second term (act_terms == 2, "A16" for int4): the residual x - q * scale is quantized again with
 // scale2 = scale / 254, giving ~15 effective activation bits from two int8 rows.
 #pragma once
@@ -11,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/vec.h"
 
@@ -23,11 +26,28 @@ static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * 
 
 // ---------------------------------------------------------------- portable
 
+// max |x[k]|, +inf when any entry is +-inf, NaN when any is NaN
 template <typename T>
 static inline float row_amax_portable(const T* x, int64_t K) {
   float m = 0.f;
-  for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(static_cast<float>(x[k])));
-  return m;
+  bool nan = false;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(static_cast<float>(x[k]));
+    nan |= std::isnan(a);
+    m = std::max(m, a);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+// A row with a non-finite amax: codes 0 (q, lo), qsum 0, both scales NaN.
+static inline float quant_row_nonfinite(int64_t K, uint8_t* q, int offset, uint8_t* lo, float* scale_lo,
+                                        int32_t* qsum) {
+  std::fill(q, q + K, static_cast<uint8_t>(offset));
+  if (lo) std::fill(lo, lo + K, static_cast<uint8_t>(offset));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (scale_lo) *scale_lo = nan;
+  if (qsum) *qsum = 0;
+  return nan;
 }
 
 static inline int32_t round_clamp(float v) {
@@ -42,6 +62,7 @@ template <typename T>
 static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo, float* scale_lo,
                                        int32_t* qsum) {
   const float amax = row_amax_portable(x, K);
+  if (!std::isfinite(amax)) return quant_row_nonfinite(K, q, offset, lo, scale_lo, qsum);
   const float scale = amax / kQMax;
   const float inv = amax > 0.f ? kQMax / amax : 0.f;
   const float scale2 = scale / kLoDiv;
@@ -65,13 +86,23 @@ static inline float quant_row_portable(const T* x, int64_t K, uint8_t* q, int of
 
 // ---------------------------------------------------------------- AVX-512
 
+// vmaxps drops a NaN in one operand, so NaN lanes are tracked in a mask (one compare per 16 values)
 template <typename T>
 FMK_AVX512 static inline float row_amax_avx512(const T* x, int64_t K) {
   __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + k)));
-  if (k < K) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + k, tail_mask(K - k))));
-  return _mm512_reduce_max_ps(m);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = load16(x + k);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  if (k < K) {
+    const __m512 v = load16(x + k, tail_mask(K - k));  // masked-off lanes: 0
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m);
 }
 
 FMK_AVX512 static inline __m512i round_clamp16(__m512 v) {
@@ -84,6 +115,7 @@ template <typename T>
 FMK_AVX512 static inline float quant_row_avx512(const T* x, int64_t K, uint8_t* q, int offset, uint8_t* lo,
                                                 float* scale_lo, int32_t* qsum) {
   const float amax = row_amax_avx512(x, K);
+  if (!std::isfinite(amax)) return quant_row_nonfinite(K, q, offset, lo, scale_lo, qsum);
   const float scale = amax / kQMax;
   const float inv = amax > 0.f ? kQMax / amax : 0.f;
   const float scale2 = scale / kLoDiv;

@@ -4,7 +4,8 @@
 // rstd: (rows,) fp32, saved for the backward. All arithmetic in fp32.
 // Backward per row (xhat = x * rstd, g = dy * w):
 //   dx = rstd * (g - xhat * mean(g * xhat)) = rstd * g - x * rstd^3 * sum(g * x) / H
-//   dw = sum over rows of dy * xhat   (per-chunk fp32 partials, summed in chunk order: deterministic)
+//   dw = sum over rows of dy * xhat   (per-chunk fp32 partials over a fixed row split, summed in chunk order:
+//        bit-identical across runs and thread counts)
 // Parallel over rows (at::parallel_for); AVX-512 with masked tails, portable scalar fallback.
 // Measured (2 cores, AVX-512, 4096x4096, fwd+bwd): see benchmarks/bench_rms_norm.py.
 #include <ATen/ATen.h>
@@ -199,9 +200,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, con
   const float* w = weight.has_value() ? w32.data_ptr<float>() : nullptr;
   const float* rs = rstd.data_ptr<float>();
   const bool avx512 = use_avx512();
-  // Fixed row chunks (one per thread): each chunk owns one fp32 dw partial; partials are summed in
-  // chunk order afterwards, so results are bit-identical across runs with the same thread count.
-  const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  // Fixed row chunks that depend on the row count only (never on the thread count): each chunk owns one fp32 dw
+  // partial, and the partials are summed in chunk order afterwards, so dw is bit-identical across runs AND thread
+  // counts (issue 21). At most 64 chunks of >= 16 rows: 64 x H fp32 partials (1 MiB at H 4096), enough chunks to
+  // balance up to 16 threads.
+  const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(64, (rows + 15) / 16));
   at::Tensor partial = want_dw ? at::zeros({nchunk, H}, x.options().dtype(at::kFloat)) : at::Tensor();
   float* pp = want_dw ? partial.data_ptr<float>() : nullptr;
 
@@ -222,8 +225,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, con
   });
   if (want_dw) {
     float* d = dw.data_ptr<float>();
-    for (int64_t c = 0; c < nchunk; ++c)
-      for (int64_t j = 0; j < H; ++j) d[j] += pp[c * H + j];
+    at::parallel_for(0, H, 1024, [&](int64_t j0, int64_t j1) {  // columns split across threads; order per column fixed
+      for (int64_t c = 0; c < nchunk; ++c)
+        for (int64_t j = j0; j < j1; ++j) d[j] += pp[c * H + j];
+    });
     dw = dw.to(weight->scalar_type());
   }
   return {dx, dw};

@@ -35,9 +35,9 @@ FMK_AVX512 void swiglu_bwd_avx512(const T* g, const T* a, const T* b, T* da, T* 
     const __m512 s = sigmoid16(av);
     const __m512 silu = _mm512_mul_ps(av, s);
     store16(db + j, _mm512_mul_ps(gv, silu), m);
-    // s * (1 + a (1 - s)) = s + silu - silu * s
-    const __m512 dsilu = _mm512_fnmadd_ps(silu, s, _mm512_add_ps(s, silu));
-    (void)one;
+    // s * (1 + a (1 - s)), PyTorch's form: the expanded s + silu - silu * s cancels catastrophically for large a
+    // (a = 63: 1.0000038 instead of 1; the fuzz suite's 2x rule caught it at |a| ~ 1e3)
+    const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(av, _mm512_sub_ps(one, s), one));
     store16(da + j, _mm512_mul_ps(_mm512_mul_ps(gv, bv), dsilu), m);
   }
 }
@@ -57,7 +57,7 @@ void swiglu_bwd_portable(const T* g, const T* a, const T* b, T* da, T* db, int64
     const float s = 1.0f / (1.0f + std::exp(-av));
     const float silu = av * s;
     db[j] = static_cast<T>(gv * silu);
-    da[j] = static_cast<T>(gv * bv * (s + silu - silu * s));
+    da[j] = static_cast<T>(gv * bv * (s * (1.0f + av * (1.0f - s))));
   }
 }
 

@@ -56,6 +56,8 @@ def scaled_dot_product_attention(
         and dropout_p == 0.0
         and query.dim() == 4
         and key.dim() == 4
+        and value.dim() == 4
+        and value.shape[-1] == query.shape[-1]  # SDPA takes another head dim for v; the kernels do not
         and (not is_causal or query.shape[-2] == key.shape[-2])
         and (enable_gqa or query.shape[1] == key.shape[1])
         and 1 <= query.shape[-1] <= ops.attention.MAX_HEAD_DIM
@@ -120,6 +122,9 @@ class Attention(nn.Module):
         (each attends only within itself; fmkernels.flash_attention_varlen). seqused_k / seqstart_k (int32 (B,)):
         a padded batch (fmkernels.flash_attention). rope sees (B, H, N, hd) and must use the matching positions
         (restarting per document when packed)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Attention: x must have shape (B, N, dim={self.q_proj.in_features}), got {got}")
         B, N, _ = x.shape  # (B, N, dim)
         q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd), strided view
         k = self.k_proj(x).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)

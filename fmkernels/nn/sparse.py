@@ -37,8 +37,8 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"SparseLinear: in_features={in_features} must be a multiple of 4 for 2:4")
             self.block_size = None
             self.values = nn.Parameter(torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
-            self.register_buffer("meta", _ref.pack_meta(torch.zeros(out_features, in_features // 2, dtype=torch.int64,
-                                                                    device=device)).to(device))
+            pos = torch.tensor([0, 1], dtype=torch.int64, device=device).repeat(out_features, in_features // 4)
+            self.register_buffer("meta", _ref.pack_meta(pos).to(device))  # positions (0, 1) in every group
         else:
             _sp._check_block_size("SparseLinear", block_size)
             if in_features % block_size or out_features % block_size:
@@ -151,6 +151,18 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # the index tensors a kernel trusts are checked before they are loaded (a bad row_ptr would be read out of
+        # bounds by the BSR kernel); errors are reported like a shape mismatch
+        got = lambda n: state_dict.get(prefix + n)  # noqa: E731
+        op = f"SparseLinear.load_state_dict ({prefix.rstrip('.') or 'root'})"
+        try:
+            if self.format == "2:4" and got("values") is not None and got("meta") is not None:
+                _sp._check_24_format(op, got("values"), got("meta"), self.in_features)
+            elif self.format == "bsr" and all(got(n) is not None for n in ("blocks", "row_ptr", "col_idx")):
+                _sp._check_bsr_format(op, got("blocks"), got("row_ptr"), got("col_idx"), self.in_features)
+        except (TypeError, ValueError) as e:
+            error_msgs.append(str(e))
+            return
         if self.format == "bsr" and prefix + "blocks" in state_dict:
             blk = state_dict[prefix + "blocks"]
             self.blocks = nn.Parameter(torch.empty_like(blk, device=self.blocks.device, dtype=self.blocks.dtype))

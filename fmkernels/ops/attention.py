@@ -269,6 +269,8 @@ def flash_attention(
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     left, right = _check_window(window_size)
+    # a window reaching past both ends is unbounded: -1 (also keeps huge Python ints out of the int64 schema)
+    left, right = (-1 if w >= Nq + Nk else w for w in (left, right))
     if causal:
         right = 0
     if softmax_scale is None:

@@ -116,6 +116,8 @@ def _lce_fwd(x, weight, bias, target, ignore_index, mean, chunk, kernel, cdtype,
                 db += logits.float().sum(0)
         if need_w and T == 0:
             dw = torch.zeros((V, H), dtype=torch.float32, device=x.device)
+    if mean and n_valid == 0:  # no counted token: 0 / 0 = NaN as in F.cross_entropy (the gradients stay zero)
+        return total / 0.0, dx, dw, db
     return total * scale, dx, dw, db
 
 
@@ -207,7 +209,8 @@ def linear_cross_entropy(
     t2 = target.reshape(-1).contiguous()
     T, V = x2.shape[0], weight.shape[0]
     dev = x.device.type
-    cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    autocast = dev in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(dev)  # meta: no autocast
+    cdtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
     if chunk_size is None:
         chunk_size = default_chunk_size(T, V, cdtype.itemsize)
     elif not isinstance(chunk_size, int) or chunk_size < 1:

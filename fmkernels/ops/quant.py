@@ -26,7 +26,7 @@ import torch
 
 from .. import _dispatch, _ext
 from .._library import define
-from .._validation import FLOAT_DTYPES, check_tensor
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import quant as ref
 
 define("quantize_per_row(Tensor x) -> (Tensor, Tensor)")
@@ -203,6 +203,43 @@ def _check_int8_packed(op, K, b_packed, b_comp, b_scale, bias):
     return N
 
 
+# ---------------------------------------------------------------- int32 accumulator range
+
+# The kernels accumulate a . b in int32 (modular: the result is exact whenever it fits). |a . b| <= K * 128^2
+# (int8 inputs may hold -128), which fits for K <= 131,071; longer rows are split into K chunks whose partial
+# products are scaled and summed in fp32 (the raw int32 output cannot hold the sum: it raises instead).
+INT32_SAFE_K = (2**31 - 1) // (128 * 128)  # 131,071
+K_CHUNK = INT32_SAFE_K // 4 * 4  # 131,068: a multiple of the packing's 4
+
+
+def _k_chunks(K: int):
+    return [(k0, min(K, k0 + K_CHUNK)) for k0 in range(0, K, K_CHUNK)]
+
+
+def _packed_k_slice(b_packed, k0: int, k1: int):
+    """(packed, comp) of columns k0:k1 of a packed int8 weight (k0 a multiple of 4)."""
+    bp = b_packed[:, k0 // 4 : _ru(k1, 4) // 4].contiguous()  # (N/16, Kc/4, 16, 4)
+    comp = 128 * bp.to(torch.int32).sum(dim=(1, 3), dtype=torch.int32).reshape(-1)  # (Np,)
+    return bp, comp.to(torch.int32)
+
+
+def _int8_mm_split_k(fn, a, a_scale, b_packed, b_scale, bias, out_dtype):
+    op = _OP8
+    if out_dtype == torch.int32:
+        raise ValueError(
+            f"{op}: K={a.shape[1]} exceeds {INT32_SAFE_K}, where the raw int32 product a @ B^T can overflow "
+            f"(|result| <= K * 128^2); use a float out_dtype (the K dimension is then split and summed in fp32)"
+        )
+    y = None
+    for k0, k1 in _k_chunks(a.shape[1]):
+        bp, comp = _packed_k_slice(b_packed, k0, k1)
+        part = fn(a[:, k0:k1].contiguous(), a_scale, bp, comp, b_scale, None, torch.float32)
+        y = part if y is None else y.add_(part)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
 # ---------------------------------------------------------------- public ops
 
 
@@ -255,7 +292,11 @@ def int8_mm(
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be float32, bfloat16, float16 or int32, got {out_dtype}")
     _check_int8_packed(op, a.shape[1], b_packed, b_comp, b_scale, bias)
+    check_same_device(op, a=a, a_scale=a_scale, b_packed=b_packed, b_comp=b_comp, b_scale=b_scale, bias=bias)
     impl = _select_cached("int8_mm", a.device.type, out_dtype, backend, *_env_key())  # no shape-dependent checks
+    if a.shape[1] > INT32_SAFE_K:
+        return _int8_mm_split_k(impl.fn, a.contiguous(), a_scale.float().contiguous(), b_packed, b_scale, bias,
+                                out_dtype)
     return impl.fn(a.contiguous(), a_scale.float().contiguous(), b_packed, b_comp, b_scale, bias, out_dtype)
 
 
@@ -273,8 +314,17 @@ def int8_linear(
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1, op=op)
     K = x.shape[-1]
     N = _check_int8_packed(op, K, b_packed, b_comp, b_scale, bias)
+    check_same_device(op, x=x, b_packed=b_packed, b_comp=b_comp, b_scale=b_scale, bias=bias)
     x2 = x.reshape(-1, K)
     impl = INT8_LINEAR_OP.select(_dispatch.Query(x.device.type, x.dtype, (x2.shape[0], N, K)), backend)
+    if K > INT32_SAFE_K:  # per-chunk quantization of x (its own scale per row and chunk), fp32 sum of the parts
+        y = None
+        for k0, k1 in _k_chunks(K):
+            bp, comp = _packed_k_slice(b_packed, k0, k1)
+            part = impl.fn(x2[:, k0:k1].contiguous(), bp, comp, b_scale, None).float()
+            y = part if y is None else y.add_(part)
+        y = (y + bias.float() if bias is not None else y).to(x.dtype)
+        return y.reshape(*x.shape[:-1], N)
     y = impl.fn(x2.contiguous(), b_packed, b_comp, b_scale, bias)
     return y.reshape(*x.shape[:-1], N)
 
@@ -355,6 +405,7 @@ def int4_mm(
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
     if act_terms not in (1, 2):
         raise ValueError(f"{op}: act_terms must be 1 or 2, got {act_terms!r}")
+    check_same_device(op, x=x, w_packed=w_packed, scale=scale, zero=zero, bias=bias)
     x2 = x.reshape(-1, K)
     impl = INT4_OP.select(_dispatch.Query(x.device.type, x.dtype, (x2.shape[0], n, K, group_size)), backend)
     y = impl.fn(x2.contiguous(), w_packed, scale, zero, group_size, n, bias, act_terms)
@@ -424,7 +475,8 @@ def _fast_impl(op_name, x, w, backend):
 def int8_linear_module(x, b_packed, b_comp, b_scale, bias, backend=None):
     """int8_linear for Int8Linear (weights validated at construction / load)."""
     K = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1
-    impl = _fast_impl("int8_linear", x, b_packed, backend) if b_packed.shape[1] * 4 == _ru(max(K, 1), 4) else None
+    fits = b_packed.shape[1] * 4 == _ru(max(K, 1), 4) and K <= INT32_SAFE_K  # longer K: the split path
+    impl = _fast_impl("int8_linear", x, b_packed, backend) if fits else None
     if impl is None:
         return int8_linear(x, b_packed, b_comp, b_scale, bias, backend=backend)
     x2 = x.reshape(-1, K).contiguous()

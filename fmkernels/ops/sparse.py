@@ -27,7 +27,7 @@ import torch
 
 from .. import _dispatch
 from .._library import define
-from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, check_index_values, check_same_device, check_tensor
 from ..reference import sparse as ref
 
 define("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
@@ -272,6 +272,33 @@ def _check_24_format(op, values, meta, K: Optional[int] = None):
     want = (values.shape[0], (K + 31) // 32)
     if tuple(meta.shape) != want:
         raise ValueError(f"{op}: meta must have shape {want} for values {tuple(values.shape)}, got {tuple(meta.shape)}")
+    check_index_values(lambda: _check_24_meta_values(op, meta, K), meta, extra=(K,))
+
+
+_NIB = 0x11111111  # bit 0 of each of the 8 nibbles of a meta word; one nibble = one group of 4 (two 2-bit positions)
+
+
+def _check_24_meta_values(op, meta, K: int) -> None:
+    """Every group's two positions strictly ascending (no duplicate), padding bits zero: bitwise on the int32 words,
+    one pass over (N, K/32) (no unpacking)."""
+    if meta.numel() == 0:
+        return
+    w = meta
+    a0, a1 = w & _NIB, (w >> 1) & _NIB  # first position's bits
+    b0, b1 = (w >> 2) & _NIB, (w >> 3) & _NIB  # second position's bits
+    lt = ((b1 & ~a1) | (~(a1 ^ b1) & b0 & ~a0)) & _NIB  # per nibble: first < second
+    groups = K // 4  # groups in a row; the last word holds groups % 8 of them (8 when 0)
+    tail = groups % 8
+    full = torch.full_like(w[:1], _NIB)  # (1, W): the expected per-nibble flags
+    ok = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+    if tail:
+        full[0, -1] = _NIB & ((1 << (4 * tail)) - 1)
+        ok = (w[:, -1] & ~((1 << (4 * tail)) - 1)) == 0  # padding bits zero
+    ok = ok & (lt == full).all(1)  # (N,)
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"{op}: meta row {bad} is not valid 2:4 metadata (each group of 4 must keep two distinct "
+                         f"positions in ascending order and padding bits must be zero, as compress_24 writes them)")
 
 
 def compress_bsr(w: torch.Tensor, block_size: int, *, block_mask: Optional[torch.Tensor] = None):
@@ -324,6 +351,37 @@ def _check_bsr_format(op, blocks, row_ptr, col_idx, K: int):
         raise ValueError(f"{op}: col_idx must have one entry per block ({blocks.shape[0]}), got {col_idx.shape[0]}")
     if row_ptr.shape[0] < 1:
         raise ValueError(f"{op}: row_ptr must have N/b + 1 entries, got {row_ptr.shape[0]}")
+    if row_ptr.device != col_idx.device:
+        raise ValueError(f"{op}: col_idx is on {col_idx.device} but row_ptr is on {row_ptr.device}")
+    check_index_values(lambda: _check_bsr_index_values(op, row_ptr, col_idx, K // b), row_ptr, col_idx,
+                       extra=(K // b,))
+
+
+def _check_bsr_index_values(op, row_ptr, col_idx, kb: int) -> None:
+    """row_ptr starts at 0, never decreases, ends at nnzb; col_idx in [0, K/b) and strictly ascending within a block
+    row. Two vectorized passes over (N/b + 1) and (nnzb,) entries, one host sync each."""
+    nnzb = col_idx.shape[0]
+    rp = row_ptr.to(torch.int64)
+    d = rp[1:] - rp[:-1]
+    flags = torch.stack([rp[0] != 0, rp[-1] != nnzb, (d < 0).any(),
+                         ((col_idx < 0) | (col_idx >= kb)).any() if nnzb else rp[0] != rp[0]]).tolist()
+    if flags[0] or flags[1]:
+        raise ValueError(f"{op}: row_ptr must start at 0 and end at nnzb={nnzb} (the number of blocks), got "
+                         f"row_ptr[0]={int(rp[0])}, row_ptr[-1]={int(rp[-1])}")
+    if flags[2]:
+        i = int((d < 0).nonzero()[0, 0])
+        raise ValueError(f"{op}: row_ptr must be non-decreasing, got row_ptr[{i}]={int(rp[i])} > "
+                         f"row_ptr[{i + 1}]={int(rp[i + 1])}")
+    if flags[3]:
+        i = int(((col_idx < 0) | (col_idx >= kb)).nonzero()[0, 0])
+        raise ValueError(f"{op}: col_idx entries must be in [0, K/b) = [0, {kb}), got col_idx[{i}]={int(col_idx[i])}")
+    if nnzb > 1:
+        key = ref.bsr_columns(row_ptr) * kb + col_idx.to(torch.int64)  # (nnzb,): row-major block position
+        dk = key[1:] - key[:-1]
+        if bool((dk <= 0).any()):
+            i = int((dk <= 0).nonzero()[0, 0]) + 1
+            raise ValueError(f"{op}: col_idx must be strictly ascending within each block row (no duplicate blocks), "
+                             f"got col_idx[{i - 1}]={int(col_idx[i - 1])}, col_idx[{i}]={int(col_idx[i])} in one row")
 
 
 # ---------------------------------------------------------------- public matmuls
@@ -370,6 +428,9 @@ def sparse24_int8_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         raise ValueError(f"{op}: x.shape[-1] (K={K}) must be a multiple of 4 for 2:4 sparsity")
     _check_24_format(op, values, meta, K)
     check_same_device(op, x=x, values=values, meta=meta)
+    if K // 2 > (2**31 - 1) // (128 * 128):  # K/2 products of at most 128^2 each must fit the int32 result
+        raise ValueError(f"{op}: K={K} is too long for an exact int32 result (|x @ W^T| <= K/2 * 128^2 must stay "
+                         f"below 2^31, so K <= 262,142); split K and sum the parts in int64 or float")
     x2 = _as_2d(x)
     q = _dispatch.Query(device=x.device.type, dtype=x.dtype, shape=(x2.shape[0], values.shape[0], K))
     impl = S24I8.select(q, backend)

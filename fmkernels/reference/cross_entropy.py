@@ -25,10 +25,11 @@ def linear_cross_entropy(
 def cross_entropy_chunk(logits: torch.Tensor, target: torch.Tensor, scale: float, ignore_index: int):
     """What the in-place chunk kernel computes, out of place: (per-row loss fp32, scale * dloss/dlogits)."""
     z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
-    loss = torch.where(valid, lse - z.gather(1, t[:, None])[:, 0], torch.zeros_like(lse))
+    # log_softmax, not logsumexp: a +inf logit gives NaN as in F.cross_entropy (logsumexp would return inf)
+    nll = -torch.log_softmax(z, dim=-1).gather(1, t[:, None])[:, 0]
+    loss = torch.where(valid, nll, torch.zeros_like(nll))
     grad = torch.softmax(z, dim=-1)
     grad[torch.arange(z.shape[0]), t] -= 1.0
     grad = grad * scale * valid[:, None]

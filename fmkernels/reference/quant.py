@@ -29,13 +29,16 @@ def _round_up(x: int, m: int) -> int:
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float -> (q int8 (M, K), scale fp32 (M,)) with x ~= q * scale[:, None]."""
     xf = x.float()
-    amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
+    amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])  # NaN / inf when a row holds one
+    finite = torch.isfinite(amax)
     # tensor / tensor: correctly rounded fp32 division (torch turns `scalar / tensor` and `tensor / scalar` into
     # a reciprocal times a product, which rounds differently from the kernels' true division)
     c127 = torch.full_like(amax, 127.0)
-    scale = amax / c127
-    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
-    q = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    # a row with a NaN or Inf: scale NaN and codes 0, so every output it reaches is NaN (testing.NONFINITE_RULE)
+    scale = torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
+    inv = torch.where(finite & (amax > 0), c127 / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv[:, None]).clamp_(-127, 127)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8)
     return q, scale
 
 
@@ -46,8 +49,10 @@ def quantize_per_row_two_terms(x: torch.Tensor):
     amax = scale * 127.0
     prod = q.float() * scale[:, None]
     r = xf - prod
-    inv2 = torch.where(amax > 0, torch.full_like(amax, 127.0 * 254.0) / amax, torch.zeros_like(amax))
-    lo = torch.round(r * inv2[:, None]).clamp_(-127, 127).to(torch.int8)
+    finite = torch.isfinite(scale)
+    inv2 = torch.where(finite & (amax > 0), torch.full_like(amax, 127.0 * 254.0) / amax, torch.zeros_like(amax))
+    lo = torch.round(r * inv2[:, None]).clamp_(-127, 127)
+    lo = torch.where(finite[:, None], lo, torch.zeros_like(lo)).to(torch.int8)
     return q, scale, lo, scale / torch.full_like(scale, 254.0)
 
 

@@ -46,10 +46,24 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return torch.zeros(N, K, dtype=values.dtype, device=values.device).scatter(1, cols, values)
 
 
+def stored_only_mm(x: torch.Tensor, w: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ w^T (N, K) fp32 multiplying the stored weights only (`stored` (N, K) bool): a pruned weight
+    is absent, not a zero, so a NaN / Inf in x that meets only pruned weights does not reach y (torch.sparse and
+    the kernels skip them; dense NaN * 0 would be NaN). Dense matmul for finite rows; rows of x holding a
+    non-finite value (rare) are summed explicitly, (rows, N, K) at a time."""
+    y = x @ w.t()  # (M, N)
+    bad = (~torch.isfinite(x)).any(1).nonzero()[:, 0]
+    if bad.numel():
+        prod = x[bad][:, None, :] * w[None]  # (rows, N, K)
+        y[bad] = torch.where(stored[None], prod, torch.zeros_like(prod)).sum(-1)
+    return y
+
+
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias=None) -> torch.Tensor:
     """y = x @ W^T (+ bias) in fp32, returned in x's dtype. x: (M, K)."""
     w = decompress_24(values.float(), meta)  # (N, K)
-    y = x.float() @ w.t()  # (M, N)
+    stored = decompress_24(torch.ones_like(values, dtype=torch.float32), meta) != 0
+    y = stored_only_mm(x.float(), w, stored)  # (M, N)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -79,7 +93,8 @@ def decompress_bsr(blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.T
 
 def bsr_mm(x: torch.Tensor, blocks, row_ptr, col_idx, bias=None) -> torch.Tensor:
     w = decompress_bsr(blocks.float(), row_ptr, col_idx, x.shape[-1])
-    y = x.float() @ w.t()
+    stored = decompress_bsr(torch.ones_like(blocks, dtype=torch.float32), row_ptr, col_idx, x.shape[-1]) != 0
+    y = stored_only_mm(x.float(), w, stored)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

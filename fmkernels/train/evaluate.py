@@ -9,7 +9,7 @@ import torch
 
 from ..data import bits_per_byte, eval_windows, load_documents, split_documents
 from ..models import Transformer, TransformerConfig
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_weights
 
 
 def load_model(path) -> tuple[Transformer, object, dict]:
@@ -18,7 +18,10 @@ def load_model(path) -> tuple[Transformer, object, dict]:
     from .compress import build_model, is_compressed
     from .finetune import load_pretrained
 
-    ck = load_checkpoint(resolve_checkpoint(path))
+    import sys
+
+    # weights, config and tokenizer only; a corrupted newest checkpoint of a run directory falls back to the previous
+    ck = load_weights(path, log=lambda m: print(m, file=sys.stderr))
     if is_compressed(ck["model"]):
         mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
         return build_model(mcfg, ck["model"], ck["state"].get("compress")), ck["tokenizer"], ck

@@ -63,9 +63,18 @@ def make_optimizer(model, cfg: TrainConfig, fsdp: bool, n_layers: int = 0):
     return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
+class _Interrupted(Exception):
+    """Raised by the signal handler where the run stops at once (the final evaluation)."""
+
+
 class _Signals:
+    """SIGINT/SIGTERM set `received`, and the loop saves and exits after the step; a second SIGINT stops at once
+    (KeyboardInterrupt), except inside a save, which checkpoint.save_checkpoint completes first. With
+    `immediate` set (the final evaluation, after the last save), a signal stops at once."""
+
     def __init__(self):
         self.received: Optional[int] = None
+        self.immediate = False
         self._old = {}
 
     def __enter__(self):
@@ -80,6 +89,8 @@ class _Signals:
         if self.received is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.received = signum
+        if self.immediate:
+            raise _Interrupted(signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -403,6 +414,8 @@ class Trainer:
         self.lr, self.last_ckpt, self.tb, self.last_saved_step = cfg.lr, None, None, None
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout stream, distinct per rank
         if cfg.resume:
+            if info.is_main:
+                ckpt.recover(self.out)  # temporaries and set-aside copies left by a killed save
             ck = ckpt.load_latest(self.out, log=self.log)
             if ck is None:
                 self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
@@ -554,12 +567,18 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._eval_and_log(cfg.eval_tokens, final=False)
                 if self.step % cfg.save_every == 0:
-                    self.save()
+                    try:
+                        self.save()
+                    except KeyboardInterrupt:  # two Ctrl-C during the save, delivered once it completed: stop
+                        sig.received = signal.SIGINT
                 signum = sig.received
                 if info.world > 1:
                     signum = int(self._all_max(float(signum or 0))) or None
                 if signum is not None:
-                    path = self.save()
+                    try:
+                        path = self.save()
+                    except KeyboardInterrupt:  # a second Ctrl-C during the save, delivered once the save completed
+                        path = ckpt.list_checkpoints(self.out)[-1] if self.info.is_main else None
                     self.log(f"received {signal.Signals(signum).name} at step {self.step}: checkpoint saved to {path}; exiting")
                     exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
                     stop_reason = signal.Signals(signum).name
@@ -573,10 +592,20 @@ class Trainer:
             if exit_code == EXIT_OK:
                 if self.last_saved_step != self.step:
                     self.save()
-                if cfg.final_eval:
-                    t0 = time.perf_counter()
-                    vl, vb = self._eval_and_log(None, final=True)
-                    summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
+                sig.immediate = True  # the checkpoint is saved: a signal now stops the evaluation and the run
+                try:
+                    if sig.received is not None:  # arrived during the last save
+                        raise _Interrupted(sig.received)
+                    if cfg.final_eval:
+                        t0 = time.perf_counter()
+                        vl, vb = self._eval_and_log(None, final=True)
+                        summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
+                except _Interrupted as e:
+                    exit_code = EXIT_SIGINT if e.args[0] == signal.SIGINT else EXIT_SIGTERM
+                    stop_reason = signal.Signals(e.args[0]).name
+                    summary.update(exit_code=exit_code, stop_reason=stop_reason)
+                    self.log(f"received {stop_reason} after the last save (final evaluation skipped or stopped): "
+                             f"checkpoint {self.last_ckpt}; exiting")
             if self.tasks is not None:
                 summary["tasks"] = self.task_metrics
             summary.update(best_val_bpb=self.best_val_bpb, checkpoint=str(self.last_ckpt) if self.last_ckpt else None)

@@ -8,25 +8,7 @@ import numpy as np
 import torch
 
 from ..data import bits_per_byte, eval_windows, load_documents, split_documents
-from ..models import Transformer, TransformerConfig
-from .checkpoint import load_checkpoint, resolve_checkpoint
-
-
-def load_model(path) -> tuple[Transformer, object, dict]:
-    """A Transformer (LoRA adapters of a fine-tuned checkpoint merged in; the 2:4 / int8 / int4 layers of a compressed
-    one kept, so their kernels run), its tokenizer, the checkpoint."""
-    from .compress import build_model, is_compressed
-    from .finetune import load_pretrained
-
-    ck = load_checkpoint(resolve_checkpoint(path))
-    if is_compressed(ck["model"]):
-        mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
-        return build_model(mcfg, ck["model"], ck["state"].get("compress")), ck["tokenizer"], ck
-    pre = load_pretrained(ck["path"], ck)
-    model = Transformer(pre["model_config"])
-    model.load_state_dict(pre["model"])
-    model.eval()
-    return model, pre["checkpoint"]["tokenizer"], pre["checkpoint"]
+from .model_source import load_model
 
 
 @torch.no_grad()

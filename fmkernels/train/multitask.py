@@ -26,8 +26,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..data.tasks import majority_accuracy, package_split, token_chunks
 from ..models.config import ConfigError
 from .heads import POOLS, ClassificationHead, TaskHeads, classification_loss
+from .model_source import strip_task_heads
 
 TASKS = ("lm", "pkg")
 SAMPLING = ("all", "proportional", "temperature")
@@ -116,8 +118,6 @@ class PackageTask:
     name = "pkg"
 
     def __init__(self, cfg, tokenizer, log: Callable[[str], None] = print):
-        from ..data.tasks import majority_accuracy, package_split, token_chunks
-
         split = package_split(cfg.corpus, cfg.val_fraction, cfg.cls_classes, cfg.stdlib_tests, cfg.text_field)
         self.classes = split.classes
         enc = tokenizer.encode
@@ -263,11 +263,6 @@ class TaskSet:
             if new:
                 w.writeheader()
             w.writerow({k: row.get(k, "") for k in TASK_CSV})
-
-
-def strip_task_heads(state_dict: dict) -> dict:
-    """A checkpoint's trunk weights (what `fmk eval` / `generate` / `finetune --from` load): task heads dropped."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("task_heads.")}
 
 
 __all__ = ["TASKS", "SAMPLING", "WEIGHTING", "parse_tasks", "parse_weights", "sampling_probs", "PackageTask",

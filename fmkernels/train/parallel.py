@@ -1,5 +1,5 @@
 """Everything applied to a model from outside: distributed setup, DDP / FSDP2 wrapping, activation
-checkpointing, torch.compile, and the optional int8-training / sparsity transforms from the other issues.
+checkpointing, torch.compile.
 The model code itself is written for one device and never changes."""
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models.config import ConfigError
 
@@ -62,45 +65,17 @@ def teardown_distributed(sync: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def apply_transforms(model: nn.Module, int8_training: bool, sparsity: Optional[str]) -> None:
-    """Optional switches owned by the quantization / sparsity work: call them when this build has them."""
-    import fmkernels
-
-    if int8_training:
-        try:
-            quantize_ = fmkernels.quantize_
-            cfg_cls = fmkernels.Int8TrainingConfig
-        except AttributeError as e:
-            raise ConfigError(f"config: int8_training=true needs fmkernels.quantize_ and Int8TrainingConfig ({e})") from e
-        quantize_(model, cfg_cls())
-    if sparsity:
-        try:
-            sparsify_ = fmkernels.sparsify_
-            cfg_cls = fmkernels.SemiStructuredConfig
-        except AttributeError as e:
-            raise ConfigError(f"config: sparsity={sparsity!r} needs fmkernels.sparsify_ ({e})") from e
-        if sparsity != "2:4":
-            raise ConfigError(f"config: sparsity must be '2:4' (semi-structured), got {sparsity!r}")
-        sparsify_(model, cfg_cls())
-
-
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in the backward (torch's checkpoint wrapper; state_dict keys unchanged)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def wrap_distributed(model: nn.Module, info: DistInfo) -> nn.Module:
     if info.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         dev = [info.local_rank] if torch.cuda.is_available() else None
         return DDP(model, device_ids=dev)
     if info.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fmkernels
 import transformers
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .. import ops
 from . import _attention as attn
-from ._patch import set_attr, swap_class, swapped_class
+from ._undo import set_attr, swap_class, swapped_class
 
 NAME = "fmkernels"
 # Model families whose RMSNorm / rotary / MLP / CausalLM code is the Llama code (checked by class name and module).
@@ -105,7 +105,7 @@ def _attention(model, state, report):
 
 
 def _rms_forward(self, hidden_states):
-    return fmkernels.ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _rms_norm(model, state, report):
@@ -130,7 +130,7 @@ def _make_rope(orig):
         if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[0] != 1 or cos.shape[-1] != D or D % 2 \
                 or q.dim() != 4 or k.dim() != 4 or k.dtype != q.dtype or cos.shape[1] != q.shape[2]:
             return orig(q, k, cos, sin, unsqueeze_dim)
-        qr, kr = fmkernels.ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos[0, :, : D // 2], sin[0, :, : D // 2])
+        qr, kr = ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos[0, :, : D // 2], sin[0, :, : D // 2])
         return qr.transpose(1, 2), kr.transpose(1, 2)  # (B, H, N, D) views
 
     return apply_rotary_pos_emb
@@ -181,7 +181,7 @@ def _rope(model, state, report):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(fmkernels.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _is_silu(act) -> bool:
@@ -231,7 +231,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if shift_labels is None:  # tokens < n predict n (as transformers' ForCausalLMLoss)
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
-    loss = fmkernels.ops.linear_cross_entropy(
+    loss = ops.linear_cross_entropy(
         h, self.lm_head.weight, shift_labels.to(h.device).contiguous(), self.lm_head.bias,
         ignore_index=ignore_index, reduction=reduction,
     )

@@ -16,10 +16,10 @@ def load_model(path) -> tuple[Transformer, object, dict]:
     """A Transformer (LoRA adapters of a fine-tuned checkpoint merged in; the 2:4 / int8 / int4 layers of a compressed
     one kept, so their kernels run), its tokenizer, the checkpoint."""
     from .compress import build_model, is_compressed
-    from .finetune import load_pretrained
+    from .finetune import is_lora_checkpoint, load_pretrained
 
     ck = load_checkpoint(resolve_checkpoint(path))
-    if is_compressed(ck["model"]):
+    if is_compressed(ck["model"]) and not is_lora_checkpoint(ck):
         mcfg = TransformerConfig.from_dict(ck["state"]["model_config"])
         return build_model(mcfg, ck["model"], ck["state"].get("compress")), ck["tokenizer"], ck
     pre = load_pretrained(ck["path"], ck)

@@ -36,16 +36,23 @@ def load_pretrained(path, ck: Optional[dict] = None) -> dict:
     cfg = ck["state"].get("config", {})
     from .compress import build_model, densify, is_compressed
 
-    if is_compressed(sd):  # fmk prune / quantize or a sparsity="2:4" run: dense (dequantized) weights
-        sd = densify(build_model(mcfg, sd, ck["state"].get("compress"))).state_dict()
-    elif int(cfg.get("lora_rank", 0) or 0) > 0:
+    # LoRA first: a QLoRA checkpoint's frozen base is int8 / int4 (`...wo.base.weight_packed`), which is_compressed
+    # also sees; those modules only exist once the adapters are attached (issue 15, bug 1).
+    if is_lora_checkpoint(ck):
         from ..models import Transformer
 
         model = Transformer(mcfg)
         attach_lora(model, cfg)
         model.load_state_dict(sd)
-        sd = merge_to_dense(model).state_dict()
+        sd = densify(merge_to_dense(model)).state_dict()
+    elif is_compressed(sd):  # fmk prune / quantize or a sparsity="2:4" run: dense (dequantized) weights
+        sd = densify(build_model(mcfg, sd, ck["state"].get("compress"))).state_dict()
     return {"model": sd, "model_config": mcfg, "tokenizer_dir": cpath / "tokenizer", "path": cpath, "checkpoint": ck}
+
+
+def is_lora_checkpoint(ck: dict) -> bool:
+    """Was this checkpoint trained with LoRA adapters (lora_rank > 0 in its saved config)?"""
+    return int((ck["state"].get("config") or {}).get("lora_rank", 0) or 0) > 0
 
 
 def attach_lora(model: nn.Module, cfg) -> list[str]:

@@ -91,6 +91,14 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = setup_distributed(cfg.distributed)
         self._log = log
+        from .rundir import choose_out_dir
+
+        out_dir, self._out_note = choose_out_dir(cfg.out_dir, TrainConfig.out_dir, cfg.resume)
+        if out_dir != cfg.out_dir:
+            import dataclasses
+
+            cfg = self.cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        self._barrier()  # every rank chose before rank 0 creates the directory
         self.out = Path(cfg.out_dir)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -295,8 +303,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ main
     def _check_out_dir(self) -> None:
-        """A fresh run never mixes with an old one: the default out_dir is cleared, any other must be empty."""
+        """A fresh run never mixes with an old one, and never deletes it (rundir.py: the default out_dir moves to
+        a free sibling; any other out_dir holding a run is refused)."""
         cfg = self.cfg
+        if self._out_note:  # the directory is new: nothing to refuse below
+            self.log(self._out_note)
         if cfg.init_from:
             src, out = Path(cfg.init_from).resolve(), self.out.resolve()
             if src == out or out in src.parents:
@@ -304,20 +315,11 @@ class Trainer:
 
                 raise ConfigError(f"config: out_dir {cfg.out_dir!r} holds the checkpoint given to --from / init_from "
                                   f"({cfg.init_from!r}); fine-tune into another out_dir")
-        if cfg.resume or not self.info.is_main:
+        if cfg.resume or not self.info.is_main or self._out_note:
             return
-        old = [p for p in (self.out / "checkpoints", self.out / "metrics.csv") if p.exists()]
-        if not old:
-            return
-        if cfg.out_dir == TrainConfig.out_dir:
-            import shutil
+        from .rundir import holds_run
 
-            self.log(f"starting a fresh default run: clearing the previous one in {self.out}")
-            for p in old + [self.out / n for n in ("summary.json", "train.log", "loss_curve.png", "tasks.csv")]:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+        if not holds_run(self.out):
             return
         from ..models.config import ConfigError
 

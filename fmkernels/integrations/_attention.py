@@ -111,8 +111,19 @@ def _key_padding_varlen(module, query, key, value, mask, dropout, scaling, is_ca
     return torch.cat(outs).transpose(1, 2).contiguous()  # (B, Nq, Hq, D)
 
 
-def make_hf_attention(hf_fallback):
-    """hf_fallback: transformers' sdpa_attention_forward (the reference for calls the kernel cannot express)."""
+_EAGER_ONLY_KWARGS = ("softcap", "s_aux")  # logit softcapping (Gemma 2), attention sinks (GPT-OSS): SDPA has neither
+
+
+def make_hf_attention(hf_fallback, eager_fallback=None):
+    """hf_fallback: transformers' sdpa_attention_forward (the reference for calls the kernel cannot express).
+    eager_fallback: the model's own eager attention (for calls SDPA cannot compute either: softcapping, sinks, or a
+    module marked `_fmkernels_eager` because its model declares `_supports_sdpa = False`)."""
+
+    def fallback(module, *args, **kwargs):
+        if eager_fallback is not None and (getattr(module, "_fmkernels_eager", False)
+                                           or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS)):
+            return eager_fallback(module, *args, **kwargs)
+        return hf_fallback(module, *args, **kwargs)
 
     def fmkernels_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                     is_causal=None, **kwargs):
@@ -126,16 +137,17 @@ def make_hf_attention(hf_fallback):
             why = "mask"
         elif dropout != 0.0:
             why = "dropout"
-        elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None \
-                or kwargs.get("s_aux") is not None:
-            why = "unsupported_kwargs"
+        elif any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
+            why = next(k for k in _EAGER_ONLY_KWARGS if kwargs.get(k) is not None)
+        elif kwargs.get("position_bias") is not None:
+            why = "position_bias"
         else:
             query, key, value = autocast_qkv(query, key, value)
             why = _kernel_reason(query, key, value)
         if why is not None:
             count(stats, f"attention_fallback_{why}")
-            return hf_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                               is_causal=is_causal, **kwargs)
+            return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         Nq = query.shape[2]
         causal = bool(causal) and Nq > 1  # decode step (Nq = 1): the query sees every cached key

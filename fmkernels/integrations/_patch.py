@@ -156,7 +156,10 @@ def patch(
     """Swap fmkernels ops into `model` in place and return a `PatchReport` (`report.model` is the model).
 
     Works on built instances of Hugging Face transformers 5.x models (Llama, Mistral, Qwen2/3: attention,
-    RMSNorm, RoPE, SwiGLU MLP, fused linear + cross-entropy; BERT, GPT-2: attention), on plain PyTorch models
+    RMSNorm, RoPE, SwiGLU MLP, fused linear + cross-entropy; attention in every model on transformers'
+    AttentionInterface, e.g. BERT, GPT-2, Gemma 1-3, Phi-3, OLMo 2, GPT-OSS: calls the kernel cannot express fall
+    back to SDPA, or to the model's own eager code where SDPA cannot compute them either (Gemma 2's logit
+    softcapping, GPT-OSS's sinks; tests/test_integration_families.py)), on plain PyTorch models
     (torch.nn.RMSNorm modules; F.scaled_dot_product_attention calls) and on PEFT-wrapped models. Each kind
     switches on when its fmkernels op is part of the build; otherwise the report says why it was skipped.
     linear: a quantization config (applied with fmkernels.quantize_) or a sparsity config (fmkernels.sparsify_).

@@ -13,6 +13,7 @@ cross_entropy Llama-family *ForCausalLM in training with labels: fused linear + 
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 
 import torch
@@ -39,9 +40,30 @@ def register() -> None:
     """Register the "fmkernels" attention and mask functions with transformers (idempotent)."""
     global _registered
     if not _registered:
-        AttentionInterface.register(NAME, attn.make_hf_attention(sdpa_attention_forward))
+        AttentionInterface.register(NAME, attn.make_hf_attention(sdpa_attention_forward, eager_attention))
         AttentionMaskInterface.register(NAME, sdpa_mask)
         _registered = True
+
+
+def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The attention module's own `eager_attention_forward` (from its modeling file: Gemma 2's applies softcapping,
+    GPT-OSS's its sinks), fed what the "fmkernels" mask function (sdpa_mask) built: a bool mask (True = attend)
+    becomes the additive mask eager code expects, and no mask with a causal module becomes SDPA's is_causal mask
+    (top-left aligned: Nq > 1 and Nk > Nq only happens on prefill into an empty static cache)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    Nq, Nk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None and causal and Nq > 1:
+        i = torch.arange(Nq, device=query.device)[:, None]
+        mask = (i >= torch.arange(Nk, device=query.device)[None, :])[None, None]  # (1, 1, Nq, Nk)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def hf_models(model: nn.Module) -> list:
@@ -94,6 +116,8 @@ def _attention(model, state, report):
             cfg = getattr(m, "config", None)
             if hasattr(m, "is_causal") and cfg is not None and getattr(cfg, "_attn_implementation", None) == NAME:
                 set_attr(state, m, "_fmkernels_stats", report.calls)
+                if not getattr(type(pm), "_supports_sdpa", True):  # e.g. Gemma 2: fall back to its eager code
+                    set_attr(state, m, "_fmkernels_eager", True)
                 n += 1
     if refused:
         report.notes.append(f"attention: {', '.join(refused)} refused set_attn_implementation (not on the "

@@ -10,9 +10,9 @@ bit-identical: time is not reproducible).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -38,6 +38,7 @@ from .generate import generate
 from .metrics import CSV_FIELDS, Metrics
 from .model_source import model_source_for
 from .optim import lr_at, make_optimizer
+from .rundir import check_out_dir, choose_out_dir
 from .parallel import (DistInfo, apply_activation_checkpointing, setup_distributed, teardown_distributed, unwrap,
                        wrap_distributed)
 
@@ -77,6 +78,10 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = setup_distributed(cfg.distributed)
         self._log = log
+        out_dir, self._out_note = choose_out_dir(cfg.out_dir, TrainConfig.out_dir, cfg.resume)
+        if out_dir != cfg.out_dir:
+            cfg = self.cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        self._barrier()  # every rank chose before rank 0 creates the directory
         self.out = Path(cfg.out_dir)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -221,30 +226,6 @@ class Trainer:
         return self.metrics.plot(f"{self.cfg.preset} ({self.cfg.model_impl}), {self.cfg.tokenizer} tokenizer")
 
     # ------------------------------------------------------------------ setup
-    def _check_out_dir(self) -> None:
-        """A fresh run never mixes with an old one: the default out_dir is cleared, any other must be empty."""
-        cfg = self.cfg
-        if cfg.init_from:
-            src, out = Path(cfg.init_from).resolve(), self.out.resolve()
-            if src == out or out in src.parents:
-                raise ConfigError(f"config: out_dir {cfg.out_dir!r} holds the checkpoint given to --from / init_from "
-                                  f"({cfg.init_from!r}); fine-tune into another out_dir")
-        if cfg.resume or not self.info.is_main:
-            return
-        old = [p for p in (self.out / "checkpoints", self.out / "metrics.csv") if p.exists()]
-        if not old:
-            return
-        if cfg.out_dir == TrainConfig.out_dir:
-            self.log(f"starting a fresh default run: clearing the previous one in {self.out}")
-            for p in old + [self.out / n for n in ("summary.json", "train.log", "loss_curve.png", "tasks.csv")]:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-            return
-        raise ConfigError(f"config: out_dir {cfg.out_dir!r} already holds a run; pass --resume to continue it "
-                          f"or choose another out_dir")
-
     def _prepare_data(self):
         cfg = self.cfg
         opts = {}
@@ -257,7 +238,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        self._check_out_dir()
+        check_out_dir(cfg, self.out, self.info.is_main, self._out_note, self.log)
         self.source = model_source_for(cfg)
         if self.source.describe():
             self.log(self.source.describe())

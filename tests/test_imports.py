@@ -33,7 +33,7 @@ LAYERS = [
 # Sub-layers of train/ (bottom first).
 TRAIN_LAYERS = [
     ("checkpoint", ("checkpoint", "heads", "flops", "generate", "metrics")),
-    ("model source", ("model_source", "optim", "parallel", "rundir", "progress")),
+    ("model source", ("model_source", "optim", "parallel", "rundir", "progress", "signals")),
     ("config", ("config",)),
     ("converters and features", ("converters", "multitask", "selection", "features")),
     ("loop", ("trainer",)),

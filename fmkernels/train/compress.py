@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..data import BatchSampler, prepare_data
-from ..models import Transformer, TransformerConfig
 from ..models.config import ConfigError
 from ..nn.linear import is_dense_linear
 from ..quantization import Int4WeightOnlyConfig, Int8DynamicConfig, quantize_

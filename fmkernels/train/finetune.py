@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..models.config import ConfigError
 from .checkpoint import list_checkpoints, save_checkpoint
-from .converters import apply_freezing
+from .converters import apply_freezing  # noqa: F401
 from .model_source import (_quantize_targets, attach_lora, is_lora_checkpoint, load_pretrained,  # noqa: F401
                            merge_to_dense)
 from .optim import _block_index, lr_scale, param_groups, trainable_summary  # noqa: F401

@@ -1,4 +1,6 @@
-"""The training loop: `train(cfg) -> summary dict`.
+"""The training loop: `train(cfg) -> summary dict`. The loop and its plumbing only: the model comes from a model
+source (model_source.py), is transformed by the config's converters (converters.py), and loop features
+(features.py: augmentation, data selection, multitask) plug in through one protocol; this file names none of them.
 
 AdamW (fused where available) with linear warmup + cosine decay to min_lr_ratio * lr, gradient clipping,
 gradient accumulation, optional bf16 autocast, activation checkpointing, torch.compile; periodic evaluation
@@ -14,20 +16,15 @@ import dataclasses
 import json
 import math
 import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
 from ..allocator import tune_cpu_allocator
-from ..data import BatchSampler, bits_per_byte, eval_windows, prepare_data
+from ..data import BatchSampler, prepare_data
 from ..models.config import ConfigError
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -35,39 +32,18 @@ from .converters import apply_converters, build_converters
 from .features import build_features
 from .flops import train_flops_per_token
 from .generate import generate
-from .metrics import CSV_FIELDS, Metrics
+from .metrics import CSV_FIELDS, Metrics, lm_eval, progress_bar, summary_lines  # noqa: F401
 from .model_source import model_source_for
 from .optim import lr_at, make_optimizer
 from .rundir import check_out_dir, choose_out_dir
-from .parallel import (DistInfo, apply_activation_checkpointing, setup_distributed, teardown_distributed, unwrap,
-                       wrap_distributed)
+from .parallel import (DistInfo, all_max, all_mean, apply_activation_checkpointing, barrier, full_model_state,
+                       full_optim_state, load_full_states, setup_distributed, teardown_distributed, unwrap, wrap_distributed)
+from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, StopSignals
 
-EXIT_OK, EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM = 0, 3, 130, 143
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class _Signals:
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 class Trainer:
@@ -81,7 +57,7 @@ class Trainer:
         out_dir, self._out_note = choose_out_dir(cfg.out_dir, TrainConfig.out_dir, cfg.resume)
         if out_dir != cfg.out_dir:
             cfg = self.cfg = dataclasses.replace(cfg, out_dir=out_dir)
-        self._barrier()  # every rank chose before rank 0 creates the directory
+        barrier()  # every rank chose before rank 0 creates the directory
         self.out = Path(cfg.out_dir)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -111,23 +87,6 @@ class Trainer:
         with open(self.out / "train.log", "a") as f:
             f.write(msg + "\n")
 
-    def _barrier(self):
-        if dist.is_initialized():
-            dist.barrier()
-
-    def _all_reduce(self, v: float, op) -> float:
-        if dist.is_initialized() and self.info.world > 1:
-            t = torch.tensor([float(v)], dtype=torch.float64)
-            dist.all_reduce(t, op=op)
-            return float(t.item())
-        return v
-
-    def _all_max(self, v: float) -> float:
-        return self._all_reduce(v, dist.ReduceOp.MAX)
-
-    def _all_mean(self, v: float) -> float:
-        return self._all_reduce(v, dist.ReduceOp.SUM) / self.info.world
-
     def autocast(self):
         if self.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -142,30 +101,13 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict:
         """Full state dict in the checkpoint layout (collective under FSDP)."""
-        if self.info.mode == "fsdp":
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            sd = unwrap(self.model).state_dict()
-        sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
-        return self.source.state_for_checkpoint(sd)
+        return self.source.state_for_checkpoint(full_model_state(self.model, self.info.mode))
 
     def optim_state(self) -> dict:
-        if self.info.mode == "fsdp":
-            return get_optimizer_state_dict(self.model, self.opt,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.opt.state_dict()
+        return full_optim_state(self.model, self.opt, self.info.mode)
 
     def load_states(self, model_sd: dict, optim_sd: Optional[dict]) -> None:
-        model_sd = self.source.state_from_checkpoint(model_sd)
-        if self.info.mode == "fsdp":
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, model_sd, options=opts)
-            if optim_sd is not None:
-                set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
-        else:
-            unwrap(self.model).load_state_dict(model_sd)
-            if optim_sd is not None:
-                self.opt.load_state_dict(optim_sd)
+        load_full_states(self.model, self.opt, self.source.state_from_checkpoint(model_sd), optim_sd, self.info.mode)
 
     def save(self) -> Optional[Path]:
         model_sd = self.model_state()
@@ -183,7 +125,7 @@ class Trainer:
                                         keep_last=self.cfg.keep_last)
             self.last_ckpt = path
         self.last_saved_step = self.step
-        self._barrier()
+        barrier()
         return path
 
     # ------------------------------------------------------------------ evaluation
@@ -193,34 +135,10 @@ class Trainer:
         model = self.model if self.info.mode == "fsdp" else unwrap(self.model)
         was_training = model.training
         model.eval()
-        tb = torch.from_numpy(self.data.token_bytes)
-        sum_nll, n_tok, n_bytes = 0.0, 0, 0
-        B = self.cfg.batch_size
-        xs, ys = [], []
-
-        def flush():
-            nonlocal sum_nll, n_tok, n_bytes
-            if not xs:
-                return
-            x, y = torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
-            with self.autocast():
-                sum_nll += float(model(x, y, reduction="sum"))
-            n_tok += y.numel()
-            n_bytes += int(tb[y.cpu()].sum())
-            xs.clear()
-            ys.clear()
-
-        for x, y in eval_windows(self.data.val, self.cfg.seq_len, max_tokens):
-            if xs and x.shape[0] != xs[0].shape[0]:
-                flush()
-            xs.append(x)
-            ys.append(y)
-            if len(xs) == B:
-                flush()
-        flush()
-        if was_training:
-            model.train()
-        return sum_nll / max(n_tok, 1), bits_per_byte(sum_nll, n_bytes)
+        r = lm_eval(model, self.data.val, self.data.token_bytes, self.cfg.seq_len, self.cfg.batch_size, self.device,
+                    self.autocast, max_tokens)
+        model.train(was_training)
+        return r["loss"], r["bpb"]
 
     def plot(self) -> Optional[Path]:
         return self.metrics.plot(f"{self.cfg.preset} ({self.cfg.model_impl}), {self.cfg.tokenizer} tokenizer")
@@ -244,7 +162,7 @@ class Trainer:
             self.log(self.source.describe())
         if info.is_main:  # rank 0 tokenizes (and caches) first; the others read its cache
             self.data = self._prepare_data()
-        self._barrier()
+        barrier()
         if not info.is_main:
             self.data = self._prepare_data()
         self.mcfg = self.source.model_config(cfg, self.data.tokenizer.vocab_size)
@@ -328,10 +246,10 @@ class Trainer:
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        loss = self._all_mean(loss)
+        loss = all_mean(loss, self.info.world)
         finite = math.isfinite(loss) and math.isfinite(gn)
         if self.info.world > 1:
-            finite = self._all_max(0.0 if finite else 1.0) == 0.0
+            finite = all_max(0.0 if finite else 1.0, self.info.world) == 0.0
         if finite:
             self.opt.step()
             self.nonfinite = 0
@@ -358,17 +276,11 @@ class Trainer:
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         pbar = None
         if info.is_main and cfg.progress:
-            # A time-budgeted run (max_time_s) counts seconds of training, so the bar's ETA is real.
-            if cfg.max_time_s is not None:
-                pbar = tqdm(total=round(cfg.max_time_s), initial=round(self.train_time), unit="s",
-                            dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s "
-                            "[{elapsed}<{remaining}{postfix}]")
-            else:
-                pbar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            pbar = progress_bar(cfg, self.train_time, self.step)
         exit_code, last_loss, stop_reason = EXIT_OK, float("nan"), "max_steps"
         t_window, tok_window = time.perf_counter(), 0
         self.model.train()
-        with _Signals() as sig:
+        with StopSignals() as sig:
             while self.step < cfg.max_steps:
                 if cfg.max_time_s is not None and self.train_time >= cfg.max_time_s:
                     stop_reason = "max_time_s"
@@ -410,7 +322,7 @@ class Trainer:
                     self.save()
                 signum = sig.received
                 if info.world > 1:
-                    signum = int(self._all_max(float(signum or 0))) or None
+                    signum = int(all_max(float(signum or 0), self.info.world)) or None
                 if signum is not None:
                     path = self.save()
                     self.log(f"received {signal.Signals(signum).name} at step {self.step}: checkpoint saved to {path}; exiting")
@@ -465,23 +377,8 @@ class Trainer:
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:
-        lines = [
-            "", "=== fmk train summary ===",
-            f"stopped: {s['stop_reason']} at step {s['step']} (exit code {s['exit_code']})",
-            f"tokens seen: {s['tokens']:,} in {s['train_time_s']:.1f} s of training ({s['tokens_per_s']:,.0f} tokens/s)",
-            f"final train loss: {s['final_train_loss']:.4f}",
-        ]
-        if "val_bpb" in s:
-            lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
-        if s.get("best_val_bpb") is not None:
-            lines.append(f"best validation bits per byte: {s['best_val_bpb']:.4f}")
-        for f in self.features:
-            lines += f.summary_lines(s)
-        lines.append(f"checkpoint: {s.get('checkpoint')}")
-        lines.append(f"metrics: {self.out / 'metrics.csv'}; loss curve: {s.get('loss_curve')}")
-        if s.get("sample") is not None:
-            lines += ["--- sample ---", self.cfg.sample_prompt + s["sample"], "--------------"]
-        for line in lines:
+        for line in summary_lines(s, self.out, self.cfg.sample_prompt, [x for f in self.features
+                                                                        for x in f.summary_lines(s)]):
             self.log(line)
 
 

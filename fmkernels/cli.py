@@ -28,7 +28,7 @@ import typing  # noqa: E402
 
 import fmkernels  # noqa: E402
 
-from ._info import format_info  # noqa: E402
+from ._info import format_info, format_op_files, op_files  # noqa: E402
 from .bench import run_benchmarks  # noqa: E402
 from .data.corpus import CorpusError  # noqa: E402
 from .models.config import ConfigError  # noqa: E402
@@ -44,6 +44,10 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _cmd_info(args) -> int:
+    if args.files:
+        d = op_files()
+        print(json.dumps(d, indent=2) if args.json else format_op_files(d))
+        return 0
     d = fmkernels.info()
     if args.json:
         print(json.dumps(d, indent=2, default=str))
@@ -216,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", formatter_class=_Fmt, help="what was built, the CPU ISA, and the backend each op uses")
     s.add_argument("--json", action="store_true", help="print the info dict as JSON")
+    s.add_argument("--files", action="store_true",
+                   help="print each op's files per backend (Python, Triton, C++/CUDA sources, autograd)")
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("bench", formatter_class=_Fmt, help="run the benchmark suite; writes bench-results/ (markdown, JSON, PNG)")

@@ -91,3 +91,24 @@ def test_each_section_validates_itself():
     with pytest.raises(ConfigError, match="sparsity"):
         TrainConfig.build(None, {"sparsity": "1:2"})
     SECTIONS["optim"]().validate()  # defaults are valid
+
+
+def test_info_files_maps_ops_to_their_files(capsys):
+    from fmkernels._info import CSRC, op_files
+
+    d = op_files()
+    assert set(d) >= {"rms_norm", "flash_attention", "sparse24_mm", "sparse24_values_grad", "int8_mm"}
+    assert "fmkernels/triton/rms_norm.py" in d["rms_norm"]["triton"]
+    assert d["rms_norm"]["autograd"] == ["fmkernels/ops/rms_norm.py"]
+    assert "fmkernels/reference/sparse.py" in d["sparse24_values_grad"]["reference"]
+    assert "fmkernels/triton/sparse24_mm.py" in d["sparse24_values_grad"]["triton"]
+    assert "fmkernels/triton/int8_mm.py" in d["int8_mm"]["triton"]
+    if CSRC.is_dir():  # a checkout: the C++ sources are found from the schemas the backends call
+        assert "csrc/cpu/rms_norm.cpp" in d["rms_norm"]["cpu"]
+        assert "csrc/cpu/sparse24_mm.cpp" in d["sparse24_values_grad"]["cpu"]
+    for per in d.values():
+        for files in per.values():
+            for f in files:
+                assert (CSRC.parent / f).exists(), f
+    assert main(["info", "--files"]) == 0
+    assert "sparse24_values_grad" in capsys.readouterr().out

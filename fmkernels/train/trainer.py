@@ -489,16 +489,13 @@ class Trainer:
         )
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         pbar = None
-        if info.is_main and cfg.progress:
-            from tqdm import tqdm
+        if info.is_main and cfg.progress:  # a bar on a terminal, one line per interval otherwise (progress.py)
+            from .progress import progress_bar
 
-            # A time-budgeted run (max_time_s) counts seconds of training, so the bar's ETA is real.
             if cfg.max_time_s is not None:
-                pbar = tqdm(total=round(cfg.max_time_s), initial=round(self.train_time), unit="s",
-                            dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s "
-                            "[{elapsed}<{remaining}{postfix}]")
+                pbar = progress_bar(round(cfg.max_time_s), round(self.train_time), "s", time_budget=True)
             else:
-                pbar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+                pbar = progress_bar(cfg.max_steps, self.step, "step")
         exit_code, last_loss, stop_reason = EXIT_OK, float("nan"), "max_steps"
         t_window, tok_window = time.perf_counter(), 0
         self.model.train()

@@ -9,18 +9,32 @@ import sys
 from pathlib import Path
 
 
+class BenchError(RuntimeError):
+    """`fmk bench` cannot run here (no benchmarks/ checkout, or the dev extra is missing); nothing was written."""
+
+
 def find_benchmarks_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "benchmarks"
     for cand in (Path.cwd() / "benchmarks", here):
         if (cand / "harness.py").exists():
             return cand
-    raise FileNotFoundError(
+    raise BenchError(
         "benchmarks/ not found: run `fmk bench` from a checkout of fmkernels (the suite is not installed in wheels)"
     )
 
 
+def check_requirements() -> None:
+    import importlib.util
+
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BenchError(f"the benchmark suite needs {' and '.join(missing)}: pip install 'fmkernels[dev]' "
+                         f"(or pip install pytest pytest-benchmark)")
+
+
 def run_benchmarks(out_dir: str = "bench-results", select: str | None = None, quick: bool = False, extra=None) -> int:
     bdir = find_benchmarks_dir()
+    check_requirements()  # before anything is written: no empty bench-results/ on failure
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "pytest-benchmark.json"

@@ -274,9 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple:
+    """Errors that mean "the input was wrong" (a path, a value, a checkpoint, a missing extra): every subcommand
+    reports them the same way, `fmk CMD: message` on stderr and exit code 2 (argparse's own usage errors are
+    rc 2 too). Anything else is a bug and keeps its traceback."""
+    from .bench import BenchError
+    from .data.corpus import CorpusError
+    from .models.config import ConfigError
+    from .train.checkpoint import CheckpointError
+
+    return (ConfigError, CorpusError, CheckpointError, BenchError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"fmk {args.cmd}: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ case "$WHEEL" in *none-any*) fail "$WHEEL is a pure-Python wheel: the extension 
 size=$(stat -c %s "$WHEEL")
 step "wheel $(basename "$WHEEL"): $size bytes; sdist $(basename "$SDIST"): $(stat -c %s "$SDIST") bytes"
 [ "$size" -lt "$MAX_WHEEL_BYTES" ] || fail "wheel is $size bytes (limit $MAX_WHEEL_BYTES): debug info?"
-tar -tzf "$SDIST" | grep -q "/csrc/cpu/vec.h$" || fail "sdist lacks csrc/cpu/vec.h"
-tar -tzf "$SDIST" | grep -q "/csrc/cuda/" || fail "sdist lacks csrc/cuda/"
-tar -tzf "$SDIST" | grep -q "/LICENSE$" || fail "sdist lacks LICENSE"
+tar -tzf "$SDIST" > "$OUT/sdist-files.txt"
+for f in csrc/cpu/vec.h csrc/cuda/common.cuh csrc/cuda/module.cpp LICENSE; do
+    grep -q "/$f\$" "$OUT/sdist-files.txt" || fail "sdist lacks $f"
+done
 
 if [ ! -f "$VENV/.stamp" ]; then
     step "creating the clean venv $VENV (torch $TORCH_VERSION from the pip cache / find-links)"

@@ -32,7 +32,7 @@ from .parallel import (DistInfo, apply_activation_checkpointing, apply_transform
 
 EXIT_OK, EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM = 0, 3, 130, 143
 CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
-              "flops"]
+              "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
 
 
 class NonFiniteError(RuntimeError):
@@ -270,36 +270,13 @@ class Trainer:
             w.writerows(rows)
 
     def plot(self) -> Optional[Path]:
-        path = self.out / "metrics.csv"
-        if not self.info.is_main or not path.exists():
+        if not self.info.is_main:
             return None
-        try:
-            import matplotlib
-        except ImportError:
-            print("matplotlib is not installed (pip install fmkernels[plot]): no loss-curve PNG", flush=True)
-            return None
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .plots import plot_run
 
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        tr = [(int(r["tokens"]), float(r["loss"])) for r in rows if r["loss"] not in ("", "nan")]
-        va = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"] != ""]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if tr:
-            ax.plot(*zip(*tr), label="train loss", lw=1)
-        if va:
-            ax.plot(*zip(*va), "o-", label="validation loss")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("loss (nats / token)")
-        ax.set_title(f"{self.cfg.preset} ({self.cfg.model_impl}), {self.cfg.tokenizer} tokenizer")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        out = self.out / "loss_curve.png"
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        tok = f"{self.cfg.tokenizer} tokenizer" + (f" {self.mcfg.vocab_size}" if self.cfg.tokenizer == "bpe" else "")
+        return plot_run(self.out, f"{self.cfg.preset} ({self.cfg.model_impl}, dim {self.mcfg.dim} x "
+                                  f"{self.mcfg.n_layers} layers), {tok}; {self.cfg.corpus}")
 
     # ------------------------------------------------------------------ main
     def _check_out_dir(self) -> None:
@@ -348,7 +325,11 @@ class Trainer:
         if pre:
             import dataclasses
 
+            from .rundir import as_trained
+
             self.mcfg = dataclasses.replace(pre["model_config"], max_seq_len=cfg.seq_len)
+            # record what was built (the checkpoint's architecture and tokenizer), not this run's defaults
+            cfg = self.cfg = as_trained(cfg, self.mcfg, self.data.tokenizer, pre["checkpoint"]["state"].get("config"))
         else:
             self.mcfg = cfg.model_config(self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
@@ -477,6 +458,10 @@ class Trainer:
     def run(self) -> dict:
         cfg, info = self.cfg, self.info
         self.setup()
+        done = self._already_finished() if cfg.resume and self.last_ckpt is not None else None
+        if done is not None:
+            return done
+        cfg = self.cfg  # setup() records a fine-tune's real architecture / tokenizer in it
         n_params = sum(p.numel() for p in unwrap(self.model).parameters())
         if info.world > 1 and info.mode == "fsdp":
             n_params = self.mcfg.num_params()
@@ -580,18 +565,36 @@ class Trainer:
             self.tb.close()
         return summary
 
+    def _already_finished(self) -> Optional[dict]:
+        """--resume of a run that ended normally and has nothing left to do: say so, touch nothing, return its
+        summary (no second final eval, no duplicate metrics row, no NaN train loss)."""
+        from .rundir import finished_reason, previous_summary
+
+        why = finished_reason(self.cfg.max_steps, self.cfg.max_time_s, self.step, self.train_time)
+        prev = previous_summary(self.out) if why else None
+        if prev is None:
+            return None
+        self.log(f"--resume: the run in {self.out} is already finished: {why}. Nothing to do; raise --max_steps "
+                 f"(or --max_time_s) to train further. Its summary: {self.out / 'summary.json'}")
+        if self.tb is not None:
+            self.tb.close()
+        return dict(prev, already_finished=True)
+
     def flops(self) -> float:
         """Training + scoring FLOPs so far, all ranks (selection.py's cost model)."""
         return (self.selection.upfront_flops + self.step * self.flops_per_step) * self.info.world
 
     def _eval_and_log(self, max_tokens, final: bool):
         vl, vb = self.evaluate(max_tokens)
-        if self.best_val_bpb is None or vb < self.best_val_bpb:
+        full = max_tokens is None or max_tokens >= len(self.data.val)
+        # best over the periodic evals only: a subset figure and the full split's are not comparable
+        if not final and (self.best_val_bpb is None or vb < self.best_val_bpb):
             self.best_val_bpb = vb
-        what = "full validation split" if max_tokens is None else f"first {max_tokens:,} validation tokens"
+        what = "full validation split" if full else f"first {max_tokens:,} validation tokens"
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
         self._csv_row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}"))
+                           val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}",
+                           val_set="full" if full else f"first {max_tokens} tokens"))
         if self.tasks is not None:
             self.task_metrics = self.tasks.evaluate(unwrap(self.model), self._autocast, self.cfg.batch_size, self.step,
                                                     (vl, vb))
@@ -607,7 +610,9 @@ class Trainer:
         if "val_bpb" in s:
             lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
         if s.get("best_val_bpb") is not None:
-            lines.append(f"best validation bits per byte: {s['best_val_bpb']:.4f}")
+            et = self.cfg.eval_tokens
+            what = "full split" if et is None or et >= len(self.data.val) else f"first {et:,} tokens"
+            lines.append(f"best periodic validation bits per byte ({what}): {s['best_val_bpb']:.4f}")
         pkg = (s.get("tasks") or {}).get("pkg")
         if pkg:
             lines.append(f"task pkg: held-out accuracy {pkg['val_acc']:.4f} (balanced {pkg['balanced_acc']:.4f}) over "

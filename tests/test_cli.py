@@ -201,3 +201,29 @@ def test_plot_separates_subset_and_full(tmp_path):
         plt.Figure.savefig = real_savefig
     assert captured["lines"] == {"train loss": 2, "validation loss (first 10 tokens)": 1,
                                  "validation loss (full split)": 1}
+
+
+# ---------------------------------------------------------------- 14: benchmark plots
+def test_bench_png_readable(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    from fmkernels.bench import KIND_COLORS, bar_kind, bar_text, write_report
+
+    def bench(label, ms, peer=False):
+        return {"name": label, "group": "rms_norm 4096x4096", "stats": {"median": ms / 1e3},
+                "extra_info": {"label": label, "peer": peer, "bytes": 64e6}}
+
+    data = {"benchmarks": [bench("torch F.rms_norm", 20.0, peer=True), bench("fmk-cpu", 5.0),
+                           bench("fmk-reference", 40.0)]}
+    write_report(data, tmp_path)
+    (png,) = tmp_path.glob("*.png")
+    h, w = mpimg.imread(png).shape[:2]
+    assert w >= 900 and h >= 200, (w, h)
+    rows = {b["extra_info"]["label"]: dict(label=b["extra_info"]["label"], peer=b["extra_info"]["peer"])
+            for b in data["benchmarks"]}
+    kinds = {k: bar_kind(r) for k, r in rows.items()}
+    assert kinds == {"torch F.rms_norm": "PyTorch peer", "fmk-cpu": "fmkernels CPU",
+                     "fmk-reference": "fmkernels reference"}
+    assert len({KIND_COLORS[k] for k in kinds.values()}) == 3  # reference no longer coloured like the fast path
+    assert bar_text(dict(ms=5.0, speedup_vs_peer=4.0, throughput=12.8, unit="GB/s")) == "5 ms, 12.8 GB/s, 4.00x vs peer"

@@ -50,7 +50,8 @@ def _load(module: str, label: str, quiet: bool) -> object | None:
     global _WARNED_TORCH
     if module in _STATE:
         return _STATE[module]["module"]
-    why = torch_mismatch()
+    info = build_info() or {}
+    why = torch_mismatch() if module in info.get("extensions", [module]) else None  # only what that build made
     if why is not None:
         _STATE[module] = {"module": None, "loaded": False, "error": f"torch version mismatch: {why}"}
         if not _WARNED_TORCH:  # one warning for all extensions

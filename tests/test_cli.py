@@ -201,6 +201,22 @@ def test_plot_separates_subset_and_full(tmp_path):
         plt.Figure.savefig = real_savefig
     assert captured["lines"] == {"train loss": 2, "validation loss (first 10 tokens)": 1,
                                  "validation loss (full split)": 1}
+    # multitask: per-task training losses from tasks.csv; the classification loss on its own axis, the combined
+    # objective (metrics.csv "loss") not drawn as a language-model loss
+    with open(tmp_path / "tasks.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "kind", "task", "train_loss"])
+        w.writeheader()
+        w.writerows([dict(step=1, kind="train", task="lm", train_loss="3.1"),
+                     dict(step=1, kind="train", task="pkg", train_loss="2.0"),
+                     dict(step=3, kind="train", task="lm", train_loss="2.6"),
+                     dict(step=3, kind="train", task="pkg", train_loss="1.5")])
+    plt.Figure.savefig = spy
+    try:
+        plot_run(tmp_path, "t")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert captured["lines"] == {"train loss (lm)": 2, "train loss (pkg)": 2, "validation loss (first 10 tokens)": 1,
+                                 "validation loss (full split)": 1}
 
 
 # ---------------------------------------------------------------- 14: benchmark plots

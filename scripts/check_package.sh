@@ -70,7 +70,7 @@ MAX_JOBS=${MAX_JOBS:-2} "$VPIP" install -v --no-build-isolation --no-deps "$SDIS
     || { tail -40 "$OUT/sdist-install.log"; fail "pip install --no-build-isolation <sdist>"; }
 info_check sdist
 # compiler warnings located outside our csrc/ (torch's or the compiler's own headers): there must be none
-if grep -E "^[^ ]+\.(h|hpp|cuh):[0-9]+:[0-9]+: warning:" "$OUT/sdist-install.log" | grep -v "/csrc/" > "$OUT/header-warnings.txt"; then
+if grep -E "^[[:space:]]*[^ ]+\.(h|hpp|cuh):[0-9]+:[0-9]+: warning:" "$OUT/sdist-install.log" | grep -v "/csrc/" > "$OUT/header-warnings.txt"; then
     head -5 "$OUT/header-warnings.txt"; fail "$(wc -l < "$OUT/header-warnings.txt") warnings from system headers"
 fi
 step "compiler warnings in the sdist build: $(grep -c ': warning:' "$OUT/sdist-install.log" || true) (none from system headers)"

@@ -8,7 +8,13 @@ Every public op is also in `fmkernels.ops`; modules are in `fmkernels.nn`. Workf
 (quantize_, sparsify_, patch, ...) load lazily on first use, so `import fmkernels` stays light and never
 imports optional packages (transformers, peft).
 """
-from . import _library  # noqa: F401  (the fmkernels:: namespace)
+import importlib
+
+from . import _cli_env
+
+_cli_env.apply()  # the fmk command only: OMP_WAIT_POLICY=PASSIVE before torch loads (unless the user set it)
+
+from . import _library  # noqa: F401,E402  (the fmkernels:: namespace)
 from . import _ext
 from ._dispatch import BackendError
 from ._version import __version__
@@ -51,8 +57,6 @@ def __getattr__(name):
     mod_name = _LAZY.get(name)
     if mod_name is None:
         raise AttributeError(f"module 'fmkernels' has no attribute {name!r}")
-    import importlib
-
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:

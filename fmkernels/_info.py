@@ -1,12 +1,19 @@
 """fmkernels.info(): what was built, what this machine has, and which backend each op picks."""
 from __future__ import annotations
 
+import inspect
+import os
 import platform
+import re
+from pathlib import Path
 
 import torch
 
-from . import _dispatch, _ext
+from . import _autograd, _dispatch, _ext
 from ._version import __version__
+
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"  # present in a checkout or an sdist, not in a wheel
 
 
 def _triton_version() -> str | None:
@@ -45,10 +52,12 @@ def info() -> dict:
         "python": platform.python_version(),
         "cpu_extension": status.get("fmkernels._C", {}),
         "cuda_extension": status.get("fmkernels._C_cuda", {}),
+        "built_with_torch": (_ext.build_info() or {}).get("torch"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": {k: feats.get(k, False) for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")},
         "cpu_isa_in_use": _isa_in_use(cpu_ext),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gpu": gpu,
         "ops": ops,
     }
@@ -62,10 +71,12 @@ def format_info(d: dict) -> str:
 
     lines = [
         f"fmkernels {d['fmkernels']}   torch {d['torch']}   triton {d['triton'] or 'not installed'}   python {d['python']}",
-        f"CPU extension : {ext_line(d['cpu_extension'])}",
+        f"CPU extension : {ext_line(d['cpu_extension'])}"
+        + (f"   (built against torch {d['built_with_torch']})" if d.get("built_with_torch") else ""),
         f"CUDA extension: {ext_line(d['cuda_extension'])}",
         "CPU ISA       : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["cpu_isa"].items())
-        + f"   (kernels use: {d['cpu_isa_in_use']}, {d['threads']} threads)",
+        + f"   (kernels use: {d['cpu_isa_in_use']}, {d['threads']} threads, "
+        f"OMP_WAIT_POLICY={d.get('omp_wait_policy') or 'unset'})",
         f"GPU           : {d['gpu'] or 'none'}",
         "",
         f"{'op':<22}{'on CPU tensors':<18}{'on CUDA tensors':<18}backends",
@@ -82,3 +93,68 @@ def _isa_in_use(cpu_ext) -> str:
         return cpu_ext.isa()
     except ValueError as e:  # a bad FMK_CPU_ISA: every CPU kernel call raises the same message
         return f"error: {e}"
+def _schema_files() -> dict:
+    """fmkernels:: schema name -> the csrc files that implement it (m.impl("name", ...)), from a checkout."""
+    out: dict = {}
+    if not CSRC.is_dir():
+        return out
+    for f in sorted(CSRC.rglob("*")):
+        if f.suffix not in (".cpp", ".cu"):
+            continue
+        for name in re.findall(r'm\.impl\("(\w+)"', f.read_text(errors="replace")):
+            files = out.setdefault(name, [])
+            files.append(f)
+            kernel = f.with_name(f.name.replace("_binding.cpp", ".cu"))
+            if kernel != f and kernel.exists():
+                files.append(kernel)
+    return out
+
+
+def _rel(f: Path) -> str:
+    try:
+        return str(f.relative_to(PACKAGE.parent))
+    except ValueError:
+        return str(f)
+
+
+def op_files() -> dict:
+    """{op: {backend: [files]}} read from the dispatch registry: each backend's Python file, the Triton module
+    its launcher lives in, the C++ / CUDA sources implementing the schemas it calls (from a checkout), and the
+    file holding the op's autograd."""
+    schemas = _schema_files()
+    out = {}
+    for name, op in sorted(_dispatch.OPS.items()):
+        per = {}
+        for bname, b in op.backends.items():
+            files = [PACKAGE.parent / f for f in b.files]
+            key = {"cpu": "/cpu/", "cuda": "/cuda/"}.get(bname)
+            schema = getattr(getattr(b.fn, "_schema", None), "name", None)  # an OpOverload: fmkernels::name
+            if schema is not None and key:
+                files += [f for f in schemas.get(schema.split("::")[-1], []) if key in str(f)]
+            elif not b.files:
+                try:
+                    files.append(Path(inspect.getsourcefile(b.fn)))
+                    src = inspect.getsource(b.fn)
+                except (TypeError, OSError):
+                    src = ""
+                if "triton_module()" in src:
+                    src += inspect.getsource(inspect.getmodule(b.fn).triton_module)
+                files += [PACKAGE / "triton" / f"{t}.py" for t in re.findall(r"from \.\.triton import (\w+)", src)]
+                if key:
+                    for sch in re.findall(r"torch\.ops\.fmkernels\.(\w+)", src):
+                        files += [f for f in schemas.get(sch, []) if key in str(f)]
+            per[bname] = list(dict.fromkeys(_rel(f) for f in files))
+        bwd = _autograd.BACKWARDS.get(name)
+        if bwd is not None:
+            per["autograd"] = [_rel(Path(inspect.getsourcefile(bwd.make_backward)))]
+        out[name] = per
+    return out
+
+
+def format_op_files(d: dict) -> str:
+    lines = []
+    for name, per in d.items():
+        lines.append(name)
+        for b, files in per.items():
+            lines.append(f"  {b:<10} {', '.join(files) if files else '-'}")
+    return "\n".join(lines)

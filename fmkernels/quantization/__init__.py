@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._dispatch import BACKEND_NAMES
 from ..nn.linear import is_dense_linear
 from ..nn.quantized import Float8Linear, Int4Linear, Int8Linear, Int8TrainingLinear, Int8WeightOnlyLinear, QATLinear
 from ..reference.quant import INT4_GROUP_SIZES
@@ -146,17 +147,41 @@ class Int8TrainingConfig:
             raise ValueError(f"Int8TrainingConfig: min_features must be a positive int, got {self.min_features!r}")
 
 
-_CONFIGS = (Int8DynamicConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig, Float8Config, Int8TrainingConfig)
+@dataclass(frozen=True)
+class Handler:
+    """How a config quantizes one nn.Linear. build(config, linear, w, b, smooth_inv, hessian) -> module, where w / b
+    are the fp32 weight and bias after any calibration scaling, smooth_inv the per-input-channel 1 / s kept at run
+    time (None when folded or unused) and hessian GPTQ's (None otherwise); unsupported(linear, config) -> why this
+    layer cannot take the format (None when it can)."""
+
+    build: Callable[..., nn.Module]
+    unsupported: Optional[Callable[[nn.Linear, object], Optional[str]]] = None
+
+
+HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_cls: type, build, unsupported=None) -> None:
+    """Make quantize_ accept `config_cls` (the module a config builds is found here, not by an isinstance chain)."""
+    HANDLERS[config_cls] = Handler(build, unsupported)
+
+
+def _handler(config) -> Optional[Handler]:
+    for cls in type(config).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return None
+
+
 
 
 def _check_backend(backend, who):
-    from .._dispatch import BACKEND_NAMES
-
     if backend is not None and backend not in BACKEND_NAMES:
         raise ValueError(f"{who}: backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def _check_config(config, who, allowed=_CONFIGS):
+def _check_config(config, who, allowed=None):
+    allowed = allowed or tuple(HANDLERS)
     if not isinstance(config, allowed):
         names = ", ".join(c.__name__ for c in allowed)
         raise TypeError(f"{who}: config must be one of {names}, got {type(config).__name__}")
@@ -164,24 +189,10 @@ def _check_config(config, who, allowed=_CONFIGS):
 
 def _unsupported_reason(linear: nn.Linear, config) -> Optional[str]:
     """Why this layer cannot take the config's format (None when it can)."""
-    N, K = linear.out_features, linear.in_features
     if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"weight dtype {linear.weight.dtype} is not float32, bfloat16 or float16"
-    if isinstance(config, Int8TrainingConfig):
-        if min(N, K) < config.min_features:
-            return f"smaller than min_features={config.min_features} ({K}->{N}): int8 would not pay"
-    return None
-
-
-def _convert_linear(linear: nn.Linear, config) -> nn.Module:
-    if isinstance(config, Int8DynamicConfig):
-        return Int8Linear.from_float(linear, backend=config.backend)
-    if isinstance(config, Int4WeightOnlyConfig):
-        return Int4Linear.from_float(linear, group_size=config.group_size, symmetric=config.symmetric,
-                                     act_terms=config.act_terms, backend=config.backend)
-    if isinstance(config, Float8Config):
-        return Float8Linear.from_float(linear, backend=config.backend)
-    return Int8TrainingLinear.from_float(linear)
+        return f"weight dtype {linear.weight.dtype} is not a float type"
+    h = _handler(config)
+    return h.unsupported(linear, config) if h is not None and h.unsupported is not None else None
 
 
 def _replace(model: nn.Module, make, select) -> list[str]:
@@ -344,33 +355,51 @@ def _linear_from(w: torch.Tensor, b: Optional[torch.Tensor], device) -> nn.Linea
 
 
 def _build(config, linear: nn.Linear, w, b, smooth_inv, hessian) -> nn.Module:
-    device = linear.weight.device
-    if isinstance(config, Int4WeightOnlyConfig):
-        G = config.group_size
-        if config.method == "gptq":
-            q, s, z = _M.gptq_int4(w, hessian, G)
-        elif config.method == "awq" or config.mse_search:
-            q, s, z = _M.int4_rtn(_M.pad_k(w, G), G, mse=True)
-        else:
-            q, s, z = _M.int4_rtn(_M.pad_k(w, G), G) if not config.symmetric else (None, None, None)
-            if q is None:
-                return Int4Linear.from_float(_linear_from(w, b, device), group_size=G, symmetric=True,
-                                             act_terms=config.act_terms, backend=config.backend)
-        return Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), linear.in_features, b,
-                                         group_size=G, act_terms=config.act_terms, backend=config.backend,
-                                         smooth_inv=smooth_inv).to(device)
-    if isinstance(config, Int8DynamicConfig):
-        m = Int8Linear.from_float(_linear_from(w, b, device), backend=config.backend)
-    elif isinstance(config, Int8WeightOnlyConfig):
-        m = Int8WeightOnlyLinear.from_float(_linear_from(w, b, device), group_size=config.group_size,
-                                            backend=config.backend)
-    elif isinstance(config, Float8Config):
-        return Float8Linear.from_float(linear, backend=config.backend)
+    return _handler(config).build(config, linear, w, b, smooth_inv, hessian)
+
+
+def _build_int4(config, linear, w, b, smooth_inv, hessian) -> nn.Module:
+    device, G = linear.weight.device, config.group_size
+    if config.method == "gptq":
+        q, s, z = _M.gptq_int4(w, hessian, G)
+    elif config.method == "awq" or config.mse_search:
+        q, s, z = _M.int4_rtn(_M.pad_k(w, G), G, mse=True)
+    elif config.symmetric:
+        return Int4Linear.from_float(_linear_from(w, b, device), group_size=G, symmetric=True,
+                                     act_terms=config.act_terms, backend=config.backend)
     else:
-        return Int8TrainingLinear.from_float(linear)
+        q, s, z = _M.int4_rtn(_M.pad_k(w, G), G)
+    return Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), linear.in_features, b,
+                                     group_size=G, act_terms=config.act_terms, backend=config.backend,
+                                     smooth_inv=smooth_inv).to(device)
+
+
+def _smoothed(m: nn.Module, smooth_inv, device) -> nn.Module:
     if smooth_inv is not None:
         m.smooth_inv = smooth_inv.to(device)
     return m
+
+
+def _build_int8_dynamic(config, linear, w, b, smooth_inv, hessian) -> nn.Module:
+    device = linear.weight.device
+    return _smoothed(Int8Linear.from_float(_linear_from(w, b, device), backend=config.backend), smooth_inv, device)
+
+
+def _build_int8_weight_only(config, linear, w, b, smooth_inv, hessian) -> nn.Module:
+    device = linear.weight.device
+    m = Int8WeightOnlyLinear.from_float(_linear_from(w, b, device), group_size=config.group_size,
+                                        backend=config.backend)
+    return _smoothed(m, smooth_inv, device)
+
+
+register_handler(Int8DynamicConfig, _build_int8_dynamic)
+register_handler(Int4WeightOnlyConfig, _build_int4)
+register_handler(Int8WeightOnlyConfig, _build_int8_weight_only)
+register_handler(Float8Config, lambda c, lin, *_: Float8Linear.from_float(lin, backend=c.backend))
+register_handler(Int8TrainingConfig, lambda c, lin, *_: Int8TrainingLinear.from_float(lin),
+                 lambda lin, c: None if min(lin.in_features, lin.out_features) >= c.min_features else
+                 f"smaller than min_features={c.min_features} ({lin.in_features}->{lin.out_features}): "
+                 f"int8 would not pay")
 
 
 def load_gguf(path, **kw):

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.tokenizer import load_tokenizer
 
 PREFIX = "step_"
 
@@ -186,8 +189,6 @@ def save_checkpoint(out_dir, step: int, model_state: dict, optim_state: dict, st
 
 
 def _save(root: Path, tmp: Path, step: int, model_state, optim_state, state, tokenizer) -> Path:
-    from safetensors.torch import save_file
-
     final = root / f"{PREFIX}{step:08d}"
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
@@ -245,10 +246,6 @@ def load_checkpoint(path, training_state: bool = True) -> dict:
     """Verify and load one checkpoint: {model, optimizer, rng, state, tokenizer, path}. training_state=False
     (evaluation, generation) verifies and loads the weights, state.json and tokenizer only (optimizer and rng
     are None)."""
-    from safetensors.torch import load_file
-
-    from ..data.tokenizer import load_tokenizer
-
     path = Path(path)
     verify_checkpoint(path, None if training_state else ("model.safetensors", "state.json", "tokenizer"))
 

@@ -1,0 +1,118 @@
+"""What a run measures and writes besides checkpoints: the language-model evaluation over validation windows
+(the trainer's and `fmk eval`'s), metrics.csv (one row per log interval and per evaluation), TensorBoard scalars
+when asked for, and the printed summary (the plot: plots.py; the progress bar: progress.py)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..data import bits_per_byte, eval_windows
+
+CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
+              "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
+
+
+class Metrics:
+    def __init__(self, out: Path, enabled: bool, tb=None):
+        self.path, self.enabled, self.tb = Path(out) / "metrics.csv", enabled, tb
+
+    def row(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        if self.tb is not None:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"):
+                if row.get(k, "") != "":
+                    self.tb.add_scalar(k, float(row[k]), row["step"])
+
+    def truncate(self, step: int) -> None:
+        """After a resume, drop rows logged past the checkpoint by the interrupted run."""
+        if not self.enabled or not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+
+@torch.no_grad()
+def lm_eval(model, ids: np.ndarray, token_bytes: np.ndarray, seq_len: int, batch_size: int, device,
+            autocast=contextlib.nullcontext, max_tokens: Optional[int] = None) -> dict:
+    """Next-token loss of `model` over the windows of `ids` (the first max_tokens, or all): {loss (nats per token),
+    bpb (bits per byte), tokens, bytes, forward_s}. model(x, y, reduction="sum") -> summed loss."""
+    tb = torch.from_numpy(token_bytes)
+    nll, n_tok, n_bytes, fwd_s, xs, ys = 0.0, 0, 0, 0.0, [], []
+
+    def flush():
+        nonlocal nll, n_tok, n_bytes, fwd_s
+        if not xs:
+            return
+        x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+        t0 = time.perf_counter()
+        with autocast():
+            nll += float(model(x, y, reduction="sum"))
+        fwd_s += time.perf_counter() - t0
+        n_tok += y.numel()
+        n_bytes += int(tb[y.cpu()].sum())
+        xs.clear()
+        ys.clear()
+
+    for x, y in eval_windows(ids, seq_len, max_tokens):
+        if xs and x.shape[0] != xs[0].shape[0]:
+            flush()
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == batch_size:
+            flush()
+    flush()
+    return dict(loss=nll / max(n_tok, 1), bpb=bits_per_byte(nll, n_bytes), tokens=n_tok, bytes=n_bytes,
+                forward_s=fwd_s)
+
+
+def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list, best_what: str = "") -> list[str]:
+    """The printed summary of a run (extra: the loop features' lines; best_what: what the periodic evaluations
+    covered)."""
+    lines = [
+        "", "=== fmk train summary ===",
+        f"stopped: {s['stop_reason']} at step {s['step']} (exit code {s['exit_code']})",
+        f"tokens seen: {s['tokens']:,} in {s['train_time_s']:.1f} s of training ({s['tokens_per_s']:,.0f} tokens/s)",
+        f"final train loss: {s['final_train_loss']:.4f}",
+    ]
+    if "val_bpb" in s:
+        lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
+    if s.get("best_val_bpb") is not None:
+        lines.append(f"best periodic validation bits per byte ({best_what}): {s['best_val_bpb']:.4f}")
+    lines += extra
+    lines.append(f"checkpoint: {s.get('checkpoint')}")
+    lines.append(f"metrics: {out / 'metrics.csv'}; loss curve: {s.get('loss_curve')}")
+    if s.get("sample") is not None:
+        lines += ["--- sample ---", sample_prompt + s["sample"], "--------------"]
+    return lines
+
+
+def run_title(cfg, mcfg) -> str:
+    """The loss plot's title: preset, implementation, shape, tokenizer, corpus."""
+    tok = f"{cfg.tokenizer} tokenizer" + (f" {mcfg.vocab_size}" if cfg.tokenizer == "bpe" else "")
+    return f"{cfg.preset} ({cfg.model_impl}, dim {mcfg.dim} x {mcfg.n_layers} layers), {tok}; {cfg.corpus}"
+
+
+def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
+    """The run's first log line: model, corpus, world, threads, dtype."""
+    return (f"fmk train: {cfg.model_impl} model preset={cfg.preset} {n_params / 1e6:.2f}M params "
+            f"(dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads / {mcfg.n_kv_heads} kv, "
+            f"vocab {mcfg.vocab_size}); corpus {cfg.corpus} hash {data.corpus_hash[:16]} "
+            f"({len(data.train):,} train / {len(data.val):,} val tokens, {data.n_docs[0]}/{data.n_docs[1]} docs); "
+            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}")

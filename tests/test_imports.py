@@ -121,13 +121,19 @@ def _train_layer(mod: str):
 
 
 def _optional_module(mod: str, seen=None) -> bool:
-    """An fmkernels module that imports an optional dependency at its top (importing it needs that dependency)."""
+    """An fmkernels module that imports an optional dependency at its top, directly or through the fmkernels modules it
+    imports at its top (importing it needs that dependency)."""
     seen = seen or set()
     if mod in seen:
         return False
     seen.add(mod)
     for m, t, _, in_fn in IMPORTS:
-        if m == mod and not in_fn and (t.split(".")[0] in OPTIONAL or t in OPTIONAL):
+        if m != mod or in_fn:
+            continue
+        if t.split(".")[0] in OPTIONAL or t in OPTIONAL:
+            return True
+        tgt = _internal(t)  # needs an optional dependency through a module it imports at its top
+        if tgt is not None and tgt != mod and _optional_module(tgt, seen):
             return True
     return False
 

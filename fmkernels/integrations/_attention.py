@@ -6,6 +6,7 @@ plain-PyTorch interceptor is that module's SDPA drop-in plus the report's counte
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -147,8 +148,6 @@ _MASK_CACHE: list = [None]  # (weakref to the mask, its version, nq, nk, analysi
 
 
 def analyze_mask_cached(mask: torch.Tensor, nq: int, nk: int):
-    import weakref
-
     c = _MASK_CACHE[0]
     if c is not None and c[0]() is mask and c[1] == mask._version and c[2:4] == (nq, nk):
         return c[4]

@@ -32,6 +32,7 @@ from ..nn.linear import is_dense_linear
 from ..nn.quantized import Float8Linear, Int4Linear, Int8Linear, Int8TrainingLinear, Int8WeightOnlyLinear, QATLinear
 from ..reference.quant import INT4_GROUP_SIZES
 from . import methods as _M
+from .gguf import load_gguf
 
 __all__ = [
     "quantize_",
@@ -400,14 +401,6 @@ register_handler(Int8TrainingConfig, lambda c, lin, *_: Int8TrainingLinear.from_
                  lambda lin, c: None if min(lin.in_features, lin.out_features) >= c.min_features else
                  f"smaller than min_features={c.min_features} ({lin.in_features}->{lin.out_features}): "
                  f"int8 would not pay")
-
-
-def load_gguf(path, **kw):
-    """Load a GGUF file (llama-family) as a Hugging Face model whose Q4_0 / Q4_1 / Q8_0 linear layers are
-    fmkernels Int4Linear / Int8WeightOnlyLinear holding the file's own blocks; see fmkernels.quantization.gguf."""
-    from .gguf import load_gguf as _load
-
-    return _load(path, **kw)
 
 
 def prepare_qat_(model: nn.Module, config, filter_fn: Optional[FilterFn] = None) -> nn.Module:

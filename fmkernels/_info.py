@@ -38,7 +38,10 @@ def info() -> dict:
         name: {"cpu": _backend_for(op, "cpu"), "cuda": _backend_for(op, "cuda"), "backends": list(op.backends)}
         for name, op in sorted(_dispatch.OPS.items())
     }
+    from ._gpu_build import prefer_triton
+
     return {
+        "gpu_prefers_triton": prefer_triton(),
         "fmkernels": __version__,
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -72,4 +75,8 @@ def format_info(d: dict) -> str:
     ]
     for name, o in d["ops"].items():
         lines.append(f"{name:<22}{o['cpu']:<18}{o['cuda']:<18}{', '.join(o['backends'])}")
+    for name, why in d.get("gpu_prefers_triton", {}).items():
+        lines.append(f"  {name}: on CUDA tensors Triton goes before CUDA ({why})")
+    if d.get("gpu_prefers_triton"):
+        lines.append("  (`fmk info --gpu-build`: registers, shared memory, spills and tensor cores of every GPU kernel)")
     return "\n".join(lines)

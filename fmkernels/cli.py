@@ -24,6 +24,14 @@ import sys
 def _cmd_info(args) -> int:
     import fmkernels
 
+    if getattr(args, "gpu_build", False):
+        from ._gpu_build import cuda_sass, format_gpu_build, triton_aot
+
+        if args.json:
+            print(json.dumps({"triton_aot": triton_aot(), "cuda_sass": cuda_sass()}, indent=1))
+        else:
+            print(format_gpu_build())
+        return 0
     d = fmkernels.info()
     if args.json:
         print(json.dumps(d, indent=2, default=str))
@@ -193,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="what was built, the CPU ISA, and the backend each op uses")
     s.add_argument("--json", action="store_true", help="print the info dict as JSON")
+    s.add_argument("--gpu-build", action="store_true",
+                   help="what the Triton and CUDA kernels compile to for sm_80/sm_90 (registers, shared memory, "
+                        "spills, tensor cores), from scripts/triton_aot.py and scripts/cuda_sass.py")
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("bench", help="run the benchmark suite; writes bench-results/ (markdown, JSON, PNG)")

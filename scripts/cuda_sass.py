@@ -65,9 +65,22 @@ def _cuobjdump() -> str:
 
 
 def _demangle_short(name: str) -> str:
-    """A readable kernel name: the identifier after the last namespace of a mangled _Z name."""
-    m = re.findall(r"\d+([A-Za-z_]\w*?_kernel)", name)
-    return m[0] if m else name
+    """The kernel's identifier from a mangled _Z name: the <length><identifier> pieces, the one ending in _kernel."""
+    i, ids = 0, []
+    while i < len(name):
+        m = re.match(r"\d+", name[i:])
+        if not m:
+            i += 1
+            continue
+        n, j = int(m.group(0)), i + len(m.group(0))
+        ident = name[j:j + n]
+        if n and len(ident) == n and re.fullmatch(r"[A-Za-z_]\w*", ident):
+            ids.append(ident)
+            i = j + n
+        else:
+            i = j
+    kern = [x for x in ids if x.endswith("_kernel")]
+    return kern[-1] if kern else (ids[-1] if ids else name)
 
 
 def build(cu: Path, arch: str, nvcc: str, tmp: Path) -> list[dict]:
@@ -150,10 +163,15 @@ def main(argv=None) -> int:
     path = (args.out / "cuda_sass.json") if args.out else ROOT / "fmkernels" / "gpu_build" / "cuda_sass.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=1) + "\n")
-    print(f"| file | kernel | arch | regs | smem | spills | tensor cores |\n|---|---|---|---|---|---|---|")
+    print("| file | kernel | arch | instances | max regs | max smem | spills | tensor cores |\n|---|---|---|---|---|---|---|---|")
+    groups: dict = {}
     for r in rows:
-        print(f"| {r['file']} | {r['kernel']} | {r['arch']} | {r['registers']} | {r['shared']} | {r['spill_stores']} | "
-              f"{', '.join(r['tensor_core_ops']) or '-'} |")
+        g = groups.setdefault((r["file"], r["kernel"], r["arch"]), [])
+        g.append(r)
+    for (f, k, a), g in groups.items():
+        tc = sorted(set().union(*(set(r["tensor_core_ops"]) for r in g)))
+        print(f"| {f} | {k} | {a} | {len(g)} | {max(r['registers'] for r in g)} | {max(r['shared'] for r in g)} | "
+              f"{sum(r['spill_stores'] for r in g)} | {', '.join(tc) or '-'} |")
     print()
     for op, d in rep["ops"].items():
         print(f"{op:<22} cuda: {d['cuda']:<22} triton: {d['triton']:<14} -> {d['prefer']}")

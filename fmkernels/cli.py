@@ -16,60 +16,110 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spin-waiting threads slow shared machines
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import typing  # noqa: E402
+
+import fmkernels  # noqa: E402
+
+from . import _gpu_build  # noqa: E402
+from ._info import format_info, format_op_files, op_files  # noqa: E402
+from .bench import run_benchmarks  # noqa: E402
+from .data.corpus import CorpusError  # noqa: E402
+from .models.config import ConfigError  # noqa: E402
+from .train import compress, train  # noqa: E402
+from .train.checkpoint import CheckpointError  # noqa: E402
+from .train.config import SECTIONS, TrainConfig, field_help  # noqa: E402
+from .train.evaluate import evaluate_checkpoint, load_model  # noqa: E402
+from .train.finetune import merge_checkpoint  # noqa: E402
+from .train.generate import generate  # noqa: E402
+from .train.minilm import MiniLMConfig, finetune_minilm  # noqa: E402
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _cmd_info(args) -> int:
-    import fmkernels
-
     if getattr(args, "gpu_build", False):
-        from ._gpu_build import cuda_sass, format_gpu_build, triton_aot
-
         if args.json:
-            print(json.dumps({"triton_aot": triton_aot(), "cuda_sass": cuda_sass()}, indent=1))
+            print(json.dumps({"triton_aot": _gpu_build.triton_aot(), "cuda_sass": _gpu_build.cuda_sass()}, indent=1))
         else:
-            print(format_gpu_build())
+            print(_gpu_build.format_gpu_build())
+        return 0
+    if args.files:
+        d = op_files()
+        print(json.dumps(d, indent=2) if args.json else format_op_files(d))
         return 0
     d = fmkernels.info()
     if args.json:
         print(json.dumps(d, indent=2, default=str))
     else:
-        from ._info import format_info
-
         print(format_info(d))
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_benchmarks
-
     return run_benchmarks(out_dir=args.out_dir, select=args.k, quick=args.quick, extra=args.pytest_args)
 
 
-def _add_train_fields(s: argparse.ArgumentParser) -> None:
-    from .train.config import TrainConfig, _hints
+def _bool(v: str) -> bool:
+    s = str(v).lower()
+    if s in TRUE:
+        return True
+    if s in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {v!r}")
 
-    s.add_argument("--config", dest="_config", default=None, help="YAML file of field: value (flat)")
-    g = s.add_argument_group("fields (any TrainConfig field; see fmkernels/train/config.py)")
-    for name in TrainConfig.field_names():
-        hint = _hints()[name]
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        if hint is bool:
-            g.add_argument(*flags, dest=name, nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL")
-        else:
-            g.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper())
+
+def _help(info: dict) -> str:
+    """Help line of a config field: its text, accepted values, default."""
+    parts = [info["help"]] if info["help"] else []
+    if info["choices"]:
+        parts.append("one of " + ", ".join(str(c) for c in info["choices"]) + (" or none" if info["optional"] else ""))
+    d = info["default_text"] or ("none" if info["default"] is None else
+                                 str(info["default"]).lower() if isinstance(info["default"], bool) else
+                                 repr(info["default"]) if isinstance(info["default"], str) else str(info["default"]))
+    parts.append(f"default: {d}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def add_field(group, name: str, info: dict, default=argparse.SUPPRESS, convert=None) -> None:
+    """One config field as flags: --name (and --name-with-dashes) take a value. A boolean is a switch: `--name` turns
+    it on, `--no-name` off (the one documented style; `--name true|false|yes|no|1|0` keeps working)."""
+    dashed = name.replace("_", "-")
+    flags = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
+    if info["type"] is bool:
+        neg = [f"--no-{dashed}", f"--no_{name}"]
+        group.add_argument(*flags, dest=name, nargs="?", const=True if convert else "true", default=default,
+                           type=convert, metavar="BOOL", help=f"switch (off: {neg[0]}); " + _help(info))
+        group.add_argument(*neg, dest=name, action="store_const", const=False if convert else "false",
+                           default=default, help=argparse.SUPPRESS)
+        return
+    if info["choices"]:
+        metavar = "{" + ",".join(str(c) for c in info["choices"]) + "}"
+    else:
+        metavar = {int: "N", float: "X"}.get(info["type"], "STR")
+    group.add_argument(*flags, dest=name, default=default, type=convert, metavar=metavar, help=_help(info))
+
+
+def _add_train_fields(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", dest="_config", default=None, metavar="YAML",
+                   help="YAML file of field: value, flat or nested by section (command-line flags override it); "
+                        "default: none")
+    for sec, scls in SECTIONS.items():
+        g = s.add_argument_group(f"{sec}: {scls.title}")
+        for f in dataclasses.fields(scls):
+            if f.name == "init_from" and any(a.dest == "init_from" for a in s._actions):
+                continue  # fmk finetune: --from CHECKPOINT (--init_from is its alias there)
+            add_field(g, f.name, field_help(f.name))
 
 
 def _cmd_train(args, prog: str = "fmk train") -> int:
-    from .data.corpus import CorpusError
-    from .models.config import ConfigError
-    from .train import train
-    from .train.config import TrainConfig
-
-    from .train.checkpoint import CheckpointError
-
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
     try:
         cfg = TrainConfig.build(args._config, overrides)
@@ -88,10 +138,6 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_finetune_minilm(args) -> int:
-    from .data.corpus import CorpusError
-    from .models.config import ConfigError
-    from .train.minilm import MiniLMConfig, finetune_minilm
-
     try:
         cfg = MiniLMConfig(**{k: v for k, v in vars(args).items() if k in MiniLMConfig.__dataclass_fields__})
         r = finetune_minilm(cfg)
@@ -104,21 +150,12 @@ def _cmd_finetune_minilm(args) -> int:
 
 
 def _add_minilm_fields(s: argparse.ArgumentParser) -> None:
-    import dataclasses
-    import typing
-
-    from .train.minilm import MiniLMConfig
-
     hints = typing.get_type_hints(MiniLMConfig)
 
     def typed(base):
         def conv(v: str):
             if base is bool:
-                if v.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if v.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+                return _bool(v)
             if v.lower() in ("none", "null"):
                 return None
             return base(v)
@@ -129,17 +166,12 @@ def _add_minilm_fields(s: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kw = dict(nargs="?", const=True) if base is bool else {}
-        s.add_argument(*flags, dest=f.name, type=typed(base), default=f.default, metavar=f.name.split("_")[-1].upper(),
-                       help=f"(default {f.default})", **kw)
+        info = dict(help=f.metadata.get("help", ""), choices=None, default=f.default,
+                    default_text=f.metadata.get("default_text"), type=base, optional=type(None) in args)
+        add_field(s, f.name, info, default=f.default, convert=typed(base))
 
 
 def _cmd_merge(args) -> int:
-    from .models.config import ConfigError
-    from .train.checkpoint import CheckpointError
-    from .train.finetune import merge_checkpoint
-
     try:
         path = merge_checkpoint(args.checkpoint, args.out_dir)
     except (ConfigError, CheckpointError) as e:
@@ -150,11 +182,6 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from .data.corpus import CorpusError
-    from .models.config import ConfigError
-    from .train import compress
-    from .train.checkpoint import CheckpointError
-
     kw = dict(recover_steps=args.recover_steps, eval_tokens=args.eval_tokens, eval_batch_size=args.eval_batch_size,
               lr=args.lr, batch_size=args.batch_size, threads=args.threads)
     try:
@@ -173,8 +200,6 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train.evaluate import evaluate_checkpoint
-
     r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
                             batch_size=args.batch_size)
     print(json.dumps(r, indent=1) if args.json else
@@ -185,9 +210,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .train.evaluate import load_model
-    from .train.generate import generate
-
     model, tok, _ = load_model(args.checkpoint)
     text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
                     use_cache=not args.no_cache)
@@ -195,19 +217,25 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with the flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmk", description="fmkernels: kernels and a thin trainer for transformers")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("info", help="what was built, the CPU ISA, and the backend each op uses")
+    s = sub.add_parser("info", formatter_class=_Fmt, help="what was built, the CPU ISA, and the backend each op uses")
     s.add_argument("--json", action="store_true", help="print the info dict as JSON")
     s.add_argument("--gpu-build", action="store_true",
                    help="what the Triton and CUDA kernels compile to for sm_80/sm_90 (registers, shared memory, "
                         "spills, tensor cores), from scripts/triton_aot.py and scripts/cuda_sass.py")
+    s.add_argument("--files", action="store_true",
+                   help="print each op's files per backend (Python, Triton, C++/CUDA sources, autograd)")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("bench", help="run the benchmark suite; writes bench-results/ (markdown, JSON, PNG)")
-    s.add_argument("--out_dir", "--out-dir", default="bench-results")
+    s = sub.add_parser("bench", formatter_class=_Fmt, help="run the benchmark suite; writes bench-results/ (markdown, JSON, PNG)")
+    s.add_argument("--out_dir", "--out-dir", default="bench-results", help="where the results are written")
     s.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
     s.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     s.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments after --")
@@ -217,10 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_fields(s)
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("finetune", help="continue from a pretrained checkpoint on a new corpus (full, frozen, "
+    s = sub.add_parser("finetune", usage="fmk finetune --from CHECKPOINT [--config YAML] [train fields ...]",
+                       help="continue from a pretrained checkpoint on a new corpus (full, frozen, "
                        "layer-wise lr decay, LoRA); takes every train field")
-    s.add_argument("--from", dest="init_from", default=argparse.SUPPRESS, metavar="CHECKPOINT",
-                   help="a checkpoint directory or a run directory (its newest checkpoint)")
+    s.add_argument("--from", "--init_from", "--init-from", dest="init_from", default=argparse.SUPPRESS,
+                   metavar="CHECKPOINT",
+                   help="required: a checkpoint directory or a run directory (its newest checkpoint)")
     _add_train_fields(s)
     s.set_defaults(func=_cmd_finetune)
 
@@ -231,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=_cmd_finetune_minilm)
 
-    s = sub.add_parser("merge", help="fold the LoRA adapters of a fine-tuned checkpoint into dense weights")
+    s = sub.add_parser("merge", formatter_class=_Fmt, help="fold the LoRA adapters of a fine-tuned checkpoint into dense weights")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
     s.add_argument("--out_dir", "--out-dir", required=True, help="where the dense checkpoint is written")
     s.set_defaults(func=_cmd_merge)
@@ -244,13 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--lr", type=float, default=None, help="recovery learning rate (default 3e-4)")
         s.add_argument("--batch_size", "--batch-size", type=int, default=None,
                        help="recovery batch size (default: the checkpoint's)")
-        s.add_argument("--threads", type=int, default=None)
+        s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
         s.add_argument("--eval_tokens", "--eval-tokens", type=int, default=None,
                        help="evaluate on the first N validation tokens (default: the full split)")
-        s.add_argument("--eval_batch_size", "--eval-batch-size", type=int, default=16)
+        s.add_argument("--eval_batch_size", "--eval-batch-size", type=int, default=16, help="evaluation batch size")
         s.set_defaults(func=_cmd_compress)
 
-    s = sub.add_parser("prune", help="2:4-prune a checkpoint (sparsify_), evaluate, optionally recover by sparse "
+    s = sub.add_parser("prune", formatter_class=_Fmt, help="2:4-prune a checkpoint (sparsify_), evaluate, optionally recover by sparse "
                        "fine-tuning; writes a checkpoint fmk eval / generate load")
     compress_args(s)
     s.add_argument("--method", choices=("wanda", "magnitude"), default="wanda",
@@ -258,27 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib_batches", "--calib-batches", type=int, default=8,
                    help="calibration batches (8 x seq_len tokens each) from the corpus, for wanda")
 
-    s = sub.add_parser("quantize", help="quantize a checkpoint (quantize_: int8 W8A8 or int4 weight-only), "
+    s = sub.add_parser("quantize", formatter_class=_Fmt, help="quantize a checkpoint (quantize_: int8 W8A8 or int4 weight-only), "
                        "evaluate, optionally recover with QAT; writes a checkpoint fmk eval / generate load")
     compress_args(s)
-    s.add_argument("--format", choices=("int8", "int4"), default="int8")
+    s.add_argument("--format", choices=("int8", "int4"), default="int8",
+                   help="int8: W8A8 dynamic; int4: weight-only, grouped")
     s.add_argument("--group_size", "--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
-    s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    s = sub.add_parser("eval", formatter_class=_Fmt, help="validation loss and bits per byte of a checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
     s.add_argument("--corpus", default=None, help="default: the corpus the checkpoint was trained on")
-    s.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
-    s.add_argument("--batch_size", "--batch-size", type=int, default=16)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
+                   help="evaluate the first N validation tokens (default: the full split)")
+    s.add_argument("--batch_size", "--batch-size", type=int, default=16, help="evaluation batch size")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_eval)
 
-    s = sub.add_parser("generate", help="sample text from a checkpoint")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--prompt", default="def ")
-    s.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top_k", "--top-k", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("generate", formatter_class=_Fmt, help="sample text from a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--prompt", default="def ", help="text to continue")
+    s.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (<= 0: greedy)")
+    s.add_argument("--top_k", "--top-k", type=int, default=40, help="top-k sampling (0: off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--no_cache", "--no-cache", action="store_true",
                    help="re-run the whole context for every token instead of using the KV cache")
     s.set_defaults(func=_cmd_generate)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 META = "fmk_tokenizer.json"
 
@@ -58,8 +59,6 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -105,7 +104,5 @@ def load_tokenizer(directory):
     if meta.get("kind") == "byte":
         return ByteTokenizer()
     if meta.get("kind") == "bpe":
-        from tokenizers import Tokenizer
-
         return BPETokenizer(Tokenizer.from_file(str(d / "tokenizer.json")))
     raise ValueError(f"{meta_path}: unknown tokenizer kind {meta.get('kind')!r}")

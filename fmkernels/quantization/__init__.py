@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._dispatch import BACKEND_NAMES
 from ..nn.linear import is_dense_linear
 from ..nn.quantized import Float8Linear, Int4Linear, Int8Linear, Int8TrainingLinear, QATLinear
 from ..reference.quant import INT4_GROUP_SIZES
@@ -94,8 +95,6 @@ _CONFIGS = (Int8DynamicConfig, Int4WeightOnlyConfig, Float8Config, Int8TrainingC
 
 
 def _check_backend(backend, who):
-    from .._dispatch import BACKEND_NAMES
-
     if backend is not None and backend not in BACKEND_NAMES:
         raise ValueError(f"{who}: backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
 

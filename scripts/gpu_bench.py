@@ -27,9 +27,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def timed(fn, warmup=3, reps=10) -> float:
-    """Median milliseconds of fn() over reps CUDA-event-timed calls."""
+    """Median milliseconds of fn() over reps CUDA-event-timed calls (wall clock on CPU: --smoke-cpu)."""
     import torch
 
+    if not torch.cuda.is_available():
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -45,7 +50,9 @@ def timed(fn, warmup=3, reps=10) -> float:
     return ts[len(ts) // 2]
 
 
-def cases(quick: bool):
+def cases(quick: bool, dev: str = "cuda", d: int = 1):
+    """(group, {name: fn or 'why unavailable'}, meta) per case; dev="cpu" with shapes divided by d is the
+    harness's own smoke test (--smoke-cpu: every line runs, fmkernels' CPU backends stand in for the GPU ones)."""
     import torch
     import torch.nn.functional as F
 
@@ -53,15 +60,15 @@ def cases(quick: bool):
     from fmkernels import ops
     from fmkernels.testing import available_backends
 
-    dev = "cuda"
     bf = torch.bfloat16
-    cap = torch.cuda.get_device_capability()
+    cap = torch.cuda.get_device_capability() if dev == "cuda" else (9, 0)
+    mine = ("triton", "cuda") if dev == "cuda" else ("cpu",)
 
     def fmk(op, dtype, key=()):
-        return [b for b in ("triton", "cuda") if b in available_backends(op, dev, dtype, *((key,) if key else ()))]
+        return [b for b in mine if b in available_backends(op, dev, dtype, *((key,) if key else ()))]
 
     # ---- attention
-    for (B, H, N, D) in ([(4, 16, 2048, 128)] if quick else [(4, 16, 2048, 128), (8, 16, 1024, 64)]):
+    for (B, H, N, D) in ([(4, 16, 2048 // d, 128)] if quick else [(4, 16, 2048 // d, 128), (8, 16, 1024 // d, 64)]):
         for causal in (False, True):
             q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=bf, requires_grad=True) for _ in range(3))
             do = torch.randn_like(q)
@@ -72,7 +79,7 @@ def cases(quick: bool):
             impls["torch SDPA"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(do)
             yield group, impls, {"flops": flops}
     # ---- int8 W8A8
-    M = N = K = 4096
+    M = N = K = 4096 // d
     a8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
     b8 = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
     packed, comp = ops.int8_pack_weight(b8)
@@ -86,7 +93,7 @@ def cases(quick: bool):
     yield f"int8 GEMM {M}x{N}x{K}", impls, {"flops": 2 * M * N * K}
     # ---- int4 weight-only, small batch
     w = torch.randn(N, K, device=dev)
-    p4, s4, z4 = ops.int4_quantize_weight(w, 128)
+    p4, s4, z4 = ops.int4_quantize_weight(w, 128)  # K >= 128 at every scale
     for m in (1, 16):
         x = torch.randn(m, K, device=dev, dtype=bf)
         impls = {f"fmk-{b}": (lambda b=b, x=x: ops.int4_mm(x, p4, s4, z4, 128, N, None, backend=b))
@@ -94,7 +101,7 @@ def cases(quick: bool):
         impls["cuBLAS bf16"] = lambda x=x: x @ wb.t()
         yield f"int4 weight-only g128 M={m} {N}x{K}", impls, {"flops": 2 * m * N * K}
     # ---- fp8
-    if cap >= (8, 9):
+    if cap >= (8, 9) and dev == "cuda":
         af, saf = ops.fp8_quantize(torch.randn(M, K, device=dev))
         bf8, sbf = ops.fp8_quantize(torch.randn(N, K, device=dev))
         impls = {f"fmk-{b}": (lambda b=b: ops.fp8_mm(af, saf, bf8, sbf, None, out_dtype=bf, backend=b))
@@ -105,7 +112,7 @@ def cases(quick: bool):
         impls["cuBLAS bf16"] = lambda: xb @ wb.t()
         yield f"fp8 e4m3 GEMM {M}x{N}x{K}", impls, {"flops": 2 * M * N * K}
     # ---- 2:4 on an MLP shape
-    Ms, Ns, Ks = 2048, 11008, 4096
+    Ms, Ns, Ks = 2048 // d, 11008 // d // 32 * 32, 4096 // d
     w24 = torch.randn(Ns, Ks, device=dev, dtype=bf)
     values, meta = ops.compress_24(w24, prune=True)
     dense = ops.decompress_24(values, meta)
@@ -122,26 +129,27 @@ def cases(quick: bool):
     impls["cuBLAS bf16 dense"] = lambda: F.linear(xs, dense)
     yield f"2:4 sparse GEMM {Ms}x{Ns}x{Ks}", impls, {"flops": 2 * Ms * Ns * Ks}
     # ---- BSR, half of the 64x64 blocks kept
-    wbsr = torch.randn(4096, 4096, device=dev, dtype=bf)
-    mask = torch.rand(64, 64, device=dev) < 0.5
+    nb = 4096 // d
+    wbsr = torch.randn(nb, nb, device=dev, dtype=bf)
+    mask = torch.rand(nb // 64, nb // 64, device=dev) < 0.5
     blocks, row_ptr, col_idx = ops.compress_bsr(wbsr, 64, block_mask=mask)
-    dense_b = ops.decompress_bsr(blocks, row_ptr, col_idx, 4096)
-    xbs = torch.randn(2048, 4096, device=dev, dtype=bf)
+    dense_b = ops.decompress_bsr(blocks, row_ptr, col_idx, nb)
+    xbs = torch.randn(2048 // d, nb, device=dev, dtype=bf)
     impls = {f"fmk-{b}": (lambda b=b: ops.bsr_mm(xbs, blocks, row_ptr, col_idx, backend=b)) for b in fmk("bsr_mm", bf)}
     impls["cuBLAS bf16 dense"] = lambda: F.linear(xbs, dense_b)
-    yield "BSR 64x64 blocks 50% 2048x4096x4096", impls, {"flops": 2 * 2048 * 4096 * 4096 * 0.5}
+    yield f"BSR 64x64 blocks 50% {2048 // d}x{nb}x{nb}", impls, {"flops": 2 * (2048 // d) * nb * nb * 0.5}
     # ---- memory-bound ops
-    xr = torch.randn(16384, 4096, device=dev, dtype=bf)
+    xr = torch.randn(16384 // d, 4096, device=dev, dtype=bf)
     wr = torch.randn(4096, device=dev, dtype=bf)
     impls = {f"fmk-{b}": (lambda b=b: fk.rms_norm(xr, wr, backend=b)) for b in fmk("rms_norm", bf)}
     impls["torch eager"] = lambda: (xr.float() * torch.rsqrt(xr.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf) * wr
-    yield "RMSNorm fwd bf16 16384x4096", impls, {"bytes": 2 * xr.numel() * 2}
-    ga, gb = torch.randn(16384, 11008 // 2, device=dev, dtype=bf), torch.randn(16384, 11008 // 2, device=dev, dtype=bf)
+    yield f"RMSNorm fwd bf16 {16384 // d}x4096", impls, {"bytes": 2 * xr.numel() * 2}
+    ga, gb = (torch.randn(16384 // d, 5504, device=dev, dtype=bf) for _ in range(2))
     impls = {f"fmk-{b}": (lambda b=b: ops.swiglu(ga, gb, backend=b)) for b in fmk("swiglu", bf)}
     impls["torch eager"] = lambda: F.silu(ga) * gb
-    yield "SwiGLU fwd bf16 16384x5504", impls, {"bytes": 3 * ga.numel() * 2}
+    yield f"SwiGLU fwd bf16 {16384 // d}x5504", impls, {"bytes": 3 * ga.numel() * 2}
     # ---- fused linear + cross-entropy
-    T, Hd, V = 8192, 2048, 32000
+    T, Hd, V = 8192 // d, 2048 // d, 32000 // d
     xc = torch.randn(T, Hd, device=dev, dtype=bf, requires_grad=True)
     wc = torch.randn(V, Hd, device=dev, dtype=bf, requires_grad=True)
     tc = torch.randint(0, V, (T,), device=dev)
@@ -156,21 +164,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu-report"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; cases past it are skipped")
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="no GPU: run every case once on CPU at 1/16 of the shapes (checks this script, measures nothing)")
     args = ap.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.smoke_cpu:
         print("gpu_bench: no CUDA device; nothing measured")
         return 0
     t0 = time.time()
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "groups": []}
+    dev = "cuda" if torch.cuda.is_available() and not args.smoke_cpu else "cpu"
+    out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke run)", "torch": torch.__version__,
+           "groups": []}
     try:
         import triton
 
         out["triton"] = triton.__version__
     except Exception:
         out["triton"] = None
-    gen = cases(args.quick)
+    gen = cases(args.quick, dev, 16 if dev == "cpu" else 1)
     while True:
         if time.time() - t0 > args.budget:
             out["groups"].append({"group": "(rest)", "skipped": f"budget of {args.budget} s spent"})
@@ -189,15 +201,16 @@ def main(argv=None) -> int:
                 rows[name] = {"skipped": fn}
                 continue
             try:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                if dev == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if dev == "cuda" else 0
                 ms = timed(fn)
                 r = {"ms": round(ms, 4)}
                 if "flops" in meta:
                     r["tflops"] = round(meta["flops"] / ms / 1e9, 2)
                 if "bytes" in meta:
                     r["gbs"] = round(meta["bytes"] / ms / 1e6, 1)
-                if meta.get("peak_memory"):
+                if meta.get("peak_memory") and dev == "cuda":
                     r["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
                 rows[name] = r
             except Exception as e:

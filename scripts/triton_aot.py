@@ -176,6 +176,11 @@ def build_specs() -> list[Spec]:
                             dict(HAS_BIAS=False, IS_INT8=True, IEEE_DOT=False, DOT_PRECISION="tf32", BLOCK_M=64,
                                  BLOCK_N=64, BLOCK_K=32), 8))
     specs.append(Spec("sparse24_mm", "_sparse24_mm_kernel", matmul=True, variants=variants))
+    # 2:4 values gradient (sddmm): (BLOCK_M, BLOCK_N, BLOCK_G) = (64, 64, 16), 4 warps; operands upcast to fp32,
+    # so its dot is fp32 at Triton's default precision (tf32)
+    specs.append(Spec("sparse24_mm", "_sparse24_sddmm_kernel", matmul=True, variants=[
+        Variant(f"{dt} 64x64x(16x4)", {"GY": DTYPE_PTR[dt], "X": DTYPE_PTR[dt], "META": "*i32", "OUT": "*fp32"},
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_G=16)) for dt in ("fp32", "bf16", "fp16")]))
     # ---- BSR: BLOCK_M = 64 (32 for fp32 with 64x64 blocks), block sizes B = 16, 32, 64 (BSR_BLOCK_SIZES)
     variants = []
     for dt in ("fp32", "bf16", "fp16"):

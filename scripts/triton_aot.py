@@ -124,14 +124,21 @@ def build_specs() -> list[Spec]:
         ("_bwd_dq_kernel", {"Q": 0, "K": 0, "V": 0, "DO": 0, "LSE2": "*fp32", "DELTA": "*fp32", "DQ": 0}, True),
     ):
         variants = []
+        args = getattr(fa, kname).arg_names
+        # varlen (packed sequences, cu_seqlens pointers) where the kernels have it: at D = 64 / 128 only
+        varlens = (False, True) if "VARLEN" in args else (None,)
         for dt in ("fp32", "bf16", "fp16"):
             ptrs = {n: (DTYPE_PTR[dt] if t == 0 else t) for n, t in ptr_names.items()}
-            for D in (32, 64, 128, 256):
+            ptrs.update({n: "*i32" for n in ("CU_Q", "CU_K") if n in args})
+            for D, varlen in ((D, vl) for D in (32, 64, 128, 256) for vl in varlens if not vl or D in (64, 128)):
                 BM, BN, BD, warps = fa._blocks(D, cuda, tdt[dt], bwd=bwd)
                 masks = ((False, False), (False, True), (True, True)) if D in (64, 128) else ((False, False),)
                 for left, right in masks:
                     c = dict(HAS_LEFT=left, HAS_RIGHT=right, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
-                    variants.append(Variant(f"{dt} D={D} left={int(left)} right={int(right)} {BM}x{BN}x{BD} w{warps}",
+                    if varlen is not None:
+                        c["VARLEN"] = varlen
+                    variants.append(Variant(f"{dt} D={D} left={int(left)} right={int(right)}"
+                                            f"{' varlen' if varlen else ''} {BM}x{BN}x{BD} w{warps}",
                                             ptrs, c, warps, floats=("scale", "scale_log2"),
                                             spill_ok=FA_FP32_SPILLS if dt == "fp32" else ""))
         specs.append(Spec("flash_attention", kname, matmul=True, variants=variants))
@@ -149,6 +156,14 @@ def build_specs() -> list[Spec]:
     specs.append(Spec("int8_mm", "_quantize_rows_kernel", matmul=False, variants=[
         Variant(f"{dt} BLOCK=4096", {"X": DTYPE_PTR[dt], "Q": "*i8", "S": "*fp32"}, dict(BLOCK=4096))
         for dt in ("fp32", "bf16", "fp16")]))
+    # ---- int8 weight-only (W8A16), where present: its launcher's (16 if M <= 16 else 64, 64, 64), 4 warps, and
+    # FP32_DOT (an IEEE fp32 dot) for fp32 activations
+    if (ROOT / "fmkernels" / "triton" / "int8_weight_only_mm.py").exists():
+        variants = [Variant(f"{dt} {BM}x64x64", {"X": DTYPE_PTR[dt], "W": "*u8", "SCALE": "*fp32",
+                                                  "BIAS": DTYPE_PTR[dt], "C": DTYPE_PTR[dt]},
+                            dict(HAS_BIAS=True, FP32_DOT=dt == "fp32", BLOCK_M=BM, BLOCK_N=64, BLOCK_K=64))
+                    for dt in ("fp32", "bf16", "fp16") for BM in (16, 64)]
+        specs.append(Spec("int8_weight_only_mm", "_int8_wo_mm_kernel", matmul=True, variants=variants))
     # ---- int4 weight-only: (16 if M <= 16 else 64, 64, 64); fp32 activations dot in tf32 on the GPU
     variants = []
     for dt in ("fp32", "bf16", "fp16"):

@@ -62,7 +62,7 @@ def format_gpu_build() -> str:
         rows = [r for r in tri["rows"] if "registers" in r]
         out.append(f"Triton kernels compiled for {', '.join(tri['archs'])} without a GPU (triton {tri['triton']}): "
                    f"{len(rows)} variants, {len(tri['failures'])} failures")
-        out.append(f"{'kernel':<22}{'arch':<7}{'variants':>9}{'max regs':>10}{'max smem':>10}{'spills':>8}  tensor cores")
+        out.append(f"{'kernel':<24}{'arch':<7}{'variants':>9}{'max regs':>10}{'max smem':>10}{'spills':>8}  tensor cores")
         agg: dict = {}
         for r in rows:
             a = agg.setdefault((r["kernel"], r["arch"]), {"n": 0, "regs": 0, "smem": 0, "spills": 0, "tc": set(),
@@ -74,7 +74,7 @@ def format_gpu_build() -> str:
             a["tc"].update(r["tensor_core_ops"])
         for (k, arch), a in agg.items():
             tc = ", ".join(sorted(a["tc"])) or ("NONE" if a["matmul"] else "- (no matmul)")
-            out.append(f"{k:<22}{arch:<7}{a['n']:>9}{a['regs']:>10}{a['smem']:>10}{a['spills']:>8}  {tc}")
+            out.append(f"{k:<24}{arch:<7}{a['n']:>9}{a['regs']:>10}{a['smem']:>10}{a['spills']:>8}  {tc}")
         for r in tri["rows"]:
             if "skipped" in r:
                 out.append(f"  skipped: {r['kernel']} [{r['variant']}] {r['arch']}: {r['skipped']}")

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
                 rows += build(cu, arch, nvcc, Path(d))
     tri_path = ROOT / "fmkernels" / "gpu_build" / "triton_aot.json"
     tri = json.loads(tri_path.read_text()) if tri_path.exists() else None
-    nv = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    nv = next((ln for ln in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.splitlines()
+               if "release" in ln), "nvcc")
     rep = {"nvcc": nv, "archs": [f"sm_{a}" for a in ARCHS], "rows": rows, "ops": decide(rows, tri),
            "seconds": round(time.time() - t0, 1)}
     path = (args.out / "cuda_sass.json") if args.out else ROOT / "fmkernels" / "gpu_build" / "cuda_sass.json"

@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         out["triton"] = triton.__version__
     except Exception:
         out["triton"] = None
+    args.out.mkdir(parents=True, exist_ok=True)
     gen = cases(args.quick, dev, 16 if dev == "cpu" else 1)
     while True:
         if time.time() - t0 > args.budget:
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
             except Exception as e:
                 rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         out["groups"].append({"group": group, "results": rows})
+        out["seconds"] = round(time.time() - t0, 1)
+        (args.out / "gpu_bench.json").write_text(json.dumps(out, indent=1))  # kept if a later case hangs
         line = "  ".join(f"{n}: {r.get('ms', r.get('error', r.get('skipped')))}" for n, r in rows.items())
         print(f"{group}: {line}", flush=True)
     out["seconds"] = round(time.time() - t0, 1)

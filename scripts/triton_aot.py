@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would turn @triton.jit into InterpretedFunction
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -462,6 +461,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args(argv)
+    # the interpreter would turn @triton.jit into InterpretedFunction (set here, not at import: importing this
+    # module, as tests and scripts/cuda_sass.py do, must leave the environment alone)
+    os.environ.pop("TRITON_INTERPRET", None)
     try:
         import triton  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401

@@ -25,7 +25,7 @@ EDITABLE_STAMP := $(VENV)/.stamp-editable
 BUILD_STAMP    := $(VENV)/.stamp-build
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all venv build test test-reference fuzz package-check train bench info gpu-check clean
+.PHONY: all venv build test test-reference fuzz package-check train bench info gpu-check gpu-build-report clean
 
 all: build
 
@@ -84,6 +84,12 @@ info: build
 # On a machine with an NVIDIA GPU: build with CUDA, run gpu-marked tests and GPU benchmarks, JSON report.
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# No GPU needed: Triton kernels to sm_80/sm_90 cubins, csrc/cuda to SASS; registers, smem, spills, tensor cores
+# (fmkernels/gpu_build/*.json, docs/gpu_build.md; `fmk info --gpu-build` prints them).
+gpu-build-report: build
+	$(PY) scripts/triton_aot.py
+	$(PY) scripts/cuda_sass.py
 
 clean:
 	rm -rf build *.egg-info fmkernels/*.so $(BUILD_STAMP) $(EDITABLE_STAMP)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import _autograd, _dispatch, _ext
+from . import _autograd, _dispatch, _ext, _gpu_build
 from ._version import __version__
 
 PACKAGE = Path(__file__).resolve().parent
@@ -46,6 +46,7 @@ def info() -> dict:
         for name, op in sorted(_dispatch.OPS.items())
     }
     return {
+        "gpu_prefers_triton": _gpu_build.prefer_triton(),
         "fmkernels": __version__,
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -83,6 +84,10 @@ def format_info(d: dict) -> str:
     ]
     for name, o in d["ops"].items():
         lines.append(f"{name:<22}{o['cpu']:<18}{o['cuda']:<18}{', '.join(o['backends'])}")
+    for name, why in d.get("gpu_prefers_triton", {}).items():
+        lines.append(f"  {name}: on CUDA tensors Triton goes before CUDA ({why})")
+    if d.get("gpu_prefers_triton"):
+        lines.append("  (`fmk info --gpu-build`: registers, shared memory, spills and tensor cores of every GPU kernel)")
     return "\n".join(lines)
 
 

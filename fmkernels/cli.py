@@ -24,6 +24,7 @@ import typing
 
 import fmkernels  # first: sets OMP_WAIT_POLICY for the fmk command before torch loads (fmkernels/_cli_env.py)
 
+from . import _gpu_build
 from ._info import format_info, format_op_files, op_files
 from .bench import BenchError, run_benchmarks
 from .data.corpus import CorpusError
@@ -40,6 +41,12 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _cmd_info(args) -> int:
+    if getattr(args, "gpu_build", False):
+        if args.json:
+            print(json.dumps({"triton_aot": _gpu_build.triton_aot(), "cuda_sass": _gpu_build.cuda_sass()}, indent=1))
+        else:
+            print(_gpu_build.format_gpu_build())
+        return 0
     if args.files:
         d = op_files()
         print(json.dumps(d, indent=2) if args.json else format_op_files(d))
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", formatter_class=_Fmt, help="what was built, the CPU ISA, and the backend each op uses")
     s.add_argument("--json", action="store_true", help="print the info dict as JSON")
+    s.add_argument("--gpu-build", action="store_true",
+                   help="what the Triton and CUDA kernels compile to for sm_80/sm_90 (registers, shared memory, "
+                        "spills, tensor cores), from scripts/triton_aot.py and scripts/cuda_sass.py")
     s.add_argument("--files", action="store_true",
                    help="print each op's files per backend (Python, Triton, C++/CUDA sources, autograd)")
     s.set_defaults(func=_cmd_info)

@@ -2,6 +2,7 @@
 and every ATen binding (.cpp) syntax-checked with the host compiler against torch's and the toolkit's
 headers. Skipped only when nvcc is not installed."""
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -42,6 +43,33 @@ def test_nvcc_compiles(cu, tmp_path):
         cmd.append(f"-gencode=arch=compute_{a},code=sm_{a}")
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"nvcc failed for {cu.name}:\n{r.stderr[-4000:]}"
+    _check_sass_report(cu, tmp_path / (cu.stem + ".o"))
+
+
+def _check_sass_report(cu: Path, obj: Path):
+    """The object's SASS agrees with the committed fmkernels/gpu_build/cuda_sass.json (scripts/cuda_sass.py) on
+    whether the file's matmul kernels reach the tensor cores: that report decides GPU dispatch order."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cuda_sass
+
+    sass = subprocess.run([cuda_sass._cuobjdump(), "-sass", str(obj)], capture_output=True, text=True)
+    assert sass.returncode == 0, sass.stderr
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass.stdout)
+    kernels = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        k = cuda_sass._demangle_short(name)
+        if not cuda_sass.NOT_MATMUL.search(k):
+            kernels[k] = kernels.get(k, False) or bool(cuda_sass.TC_RE.search(body))
+    rep = json.loads((ROOT / "fmkernels" / "gpu_build" / "cuda_sass.json").read_text())
+    ops, _ = cuda_sass.FILE_OPS.get(cu.stem, ((), None))
+    for op in ops:
+        if op in rep["ops"] and kernels:
+            simt = not any(kernels.values())
+            assert (rep["ops"][op]["cuda"] == "SIMT") == simt, (
+                f"{cu.name}: tensor-core use changed ({kernels}); rerun `python scripts/cuda_sass.py`")
 
 
 def _find_cuda_include() -> Path:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "fmkernels"
 LAYERS = [
     ("kernels", ("fmkernels._library", "fmkernels._ext", "fmkernels._dispatch", "fmkernels._autograd",
                  "fmkernels._validation", "fmkernels._version", "fmkernels._autoexport", "fmkernels.reference",
-                 "fmkernels.triton", "fmkernels.allocator", "fmkernels.testing")),
+                 "fmkernels.triton", "fmkernels.allocator", "fmkernels.testing", "fmkernels._gpu_build")),
     ("ops", ("fmkernels.ops",)),
     ("nn", ("fmkernels.nn",)),
     ("workflows", ("fmkernels.quantization", "fmkernels.sparsity", "fmkernels.data")),

@@ -1,8 +1,9 @@
 """Block-sparse (BSR) matmul in Triton: y = x @ W^T, W as (blocks (nnzb, B, B), row_ptr, col_idx).
 
 One program per (BLOCK_M rows of x, block row r of W): loops over the kept blocks of row r only
-(row_ptr[r] .. row_ptr[r+1]), one tl.dot of the (BLOCK_M, B) slice of x with each block^T. Accumulates in fp32.
-Loads are upcast to fp32 before arithmetic (interpreter). Autograd: fmkernels/ops/sparse.py.
+(row_ptr[r] .. row_ptr[r+1]), one tl.dot of the (BLOCK_M, B) slice of x with each block^T. Accumulates in fp32;
+the dots run on the tensor cores in the input dtype (fp32 as tf32/tf32x3, per torch.get_float32_matmul_precision);
+under the CPU interpreter operands are upcast to fp32 first. Autograd: fmkernels/ops/sparse.py.
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fp32_dot_precision
+
 
 @triton.jit
 def _bsr_mm_kernel(
     X, BLK, ROW_PTR, COL_IDX, BIAS, Y,
     M, N,
     stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, IEEE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m, r = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -29,9 +33,12 @@ def _bsr_mm_kernel(
     for i in range(start, end):
         c = tl.load(COL_IDX + i).to(tl.int64)
         x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + c * B + offs_b[None, :],
-                    mask=offs_m[:, None] < M, other=0.0).to(tl.float32)  # (BLOCK_M, B)
-        w = tl.load(BLK + i * B * B + offs_b[:, None] * B + offs_b[None, :]).to(tl.float32)  # (n, k)
-        acc += tl.dot(x, tl.trans(w))
+                    mask=offs_m[:, None] < M, other=0.0)  # (BLOCK_M, B)
+        w = tl.load(BLK + i * B * B + offs_b[:, None] * B + offs_b[None, :])  # (n, k)
+        if IEEE_DOT:  # the CPU interpreter: plain fp32
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:  # tensor cores in the input dtype (fp32: tf32/tf32x3 per DOT_PRECISION)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
     offs_n = r * B + offs_b
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n).to(tl.float32)[None, :]
@@ -49,11 +56,13 @@ def bsr_mm_triton(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, 
     y = torch.empty((M, nbr * B), device=x.device, dtype=x.dtype)
     if M == 0 or nbr == 0:
         return y
-    BM = 16 if x.device.type == "cpu" else 64
+    # fp32 64x64 blocks at BLOCK_M 64 spill (209 local stores, sm_80, tf32x3); BLOCK_M 32 does not
+    BM = 16 if x.device.type == "cpu" else (32 if B == 64 and x.dtype == torch.float32 else 64)
     _bsr_mm_kernel[(triton.cdiv(M, BM), nbr)](
         x, blocks.contiguous(), row_ptr.contiguous(), col_idx.contiguous(), bias if bias is not None else x, y,
         M, nbr * B, x.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, B=B, BLOCK_M=BM,
+        HAS_BIAS=bias is not None, B=B, BLOCK_M=BM, IEEE_DOT=x.device.type == "cpu",
+        DOT_PRECISION=fp32_dot_precision(),
     )
     return y
 

@@ -227,10 +227,21 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _blocks(D: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(D: int, device: torch.device, dtype: torch.dtype = torch.float16,
+            bwd: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Chosen so that no variant spills or exceeds sm_80's 163 KiB of
+    shared memory in scripts/triton_aot.py (sm_80 and sm_90 cubins, triton 3.7): fp32 at D > 128 with 32x32 tiles
+    needed 168-197 KiB; the bf16/fp16 backward with 64x64 tiles (D <= 64) and with 4 warps at D = 128 spilled
+    (4-10 local stores, sm_80)."""
     block_d = max(16, triton.next_power_of_2(D))
     if device.type != "cuda":  # interpreter: one small config keeps the tests fast
         return 16, 16, block_d, 1
+    if dtype == torch.float32 and block_d > 128:
+        return 16, 16, block_d, 4
+    if bwd:
+        if dtype == torch.float32:
+            return 32, 32, block_d, 4
+        return (64, 32, block_d, 4) if block_d <= 64 else ((64, 32, block_d, 8) if block_d <= 128 else (32, 32, block_d, 8))
     if block_d <= 64:
         return 64, 64, block_d, 4
     if block_d <= 128:
@@ -252,7 +263,7 @@ def _fwd(q, k, v, scale, window_left, window_right, cu_q=None, cu_k=None, max_q=
     else:
         out_store = out = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)
         lse_store = lse = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
-    BM, BN, BD, warps = _blocks(D, q.device)
+    BM, BN, BD, warps = _blocks(D, q.device, q.dtype)
     nseq = cu_q.numel() - 1 if varlen else 1
     grid = (triton.cdiv(max(max_q if varlen else Nq, 1), BM), B * Hq, max(nseq, 1))
     if varlen and nseq == 0:
@@ -290,7 +301,7 @@ def _bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, cu_q=Non
     nseq = cu_q.numel() - 1 if varlen else 1
     if varlen and (nseq == 0 or Nq == 0 or Nk == 0):
         return dq_s.zero_(), dk_s.zero_(), dv_s.zero_()
-    BM, BN, BD, warps = _blocks(D, q.device)
+    BM, BN, BD, warps = _blocks(D, q.device, q.dtype, bwd=True)
     cu_q = cu_q if varlen else lse2
     cu_k = cu_k if varlen else lse2
     common = (

@@ -77,6 +77,12 @@ def _blocks(M: int, N: int, interpret: bool):
     return (64 if M > 32 else 16), 128, 64
 
 
+def _warps(block_m: int) -> int:
+    # 64x128 int32 accumulator + packed-B offsets: 4 warps spill (26-31 local stores, sm_80/sm_90), 8 do not
+    # (209 registers; scripts/triton_aot.py)
+    return 8 if block_m >= 64 else 4
+
+
 def quantize_per_row_triton(x: torch.Tensor):
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
@@ -101,7 +107,7 @@ def int8_mm_triton(a, a_scale, b_packed, b_comp, b_scale, bias, out_dtype):
         M, N, K, b_packed.shape[1],
         a.stride(0), c.stride(0),
         HAS_BIAS=bias is not None, OUT_INT=out_dtype == torch.int32,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=_warps(BM),
     )
     return c
 

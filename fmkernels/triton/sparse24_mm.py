@@ -3,8 +3,10 @@
 One program per (BLOCK_M, BLOCK_N) tile of y. Per BLOCK_K columns, the W tile is rebuilt in registers from the
 kept values: column k of group g = k // 4 holds value 2g if pos(2g) == k % 4, value 2g+1 if pos(2g+1) == k % 4,
 else 0; then one tl.dot. Reads half of W's bytes (plus 1/8 byte of meta per weight). The int8 variant
-accumulates exactly in int32. `sparse24_sddmm_triton`: the gradient of the kept values (the backward's second
-product). Loads are upcast to fp32 before arithmetic (interpreter). Autograd: fmkernels/ops/sparse.py.
+accumulates exactly in int32. Float dots run on the tensor cores in the input dtype (fp32 as tf32/tf32x3,
+per torch.get_float32_matmul_precision); under the CPU interpreter operands are upcast to fp32 first.
+`sparse24_sddmm_triton`: the gradient of the kept values (the backward's second product). Autograd:
+fmkernels/ops/sparse.py.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from . import fp32_dot_precision
 
 
 @triton.jit
@@ -39,7 +43,7 @@ def _sparse24_mm_kernel(
     X, V, META, BIAS, Y,
     M, N, K,
     stride_xm, stride_vn, stride_mn, stride_ym,
-    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -56,8 +60,10 @@ def _sparse24_mm_kernel(
         w = _w_tile(V, META, offs_n, k0, N, K, stride_vn, stride_mn, BLOCK_K)  # (BLOCK_N, BLOCK_K)
         if IS_INT8:
             acc += tl.dot(x, tl.trans(w), out_dtype=tl.int32)
-        else:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        elif IEEE_DOT:  # the CPU interpreter: plain fp32
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:  # tensor cores in the input dtype (fp32: tf32/tf32x3 per DOT_PRECISION)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -71,12 +77,15 @@ def _launch(x, values, meta, bias, out_dtype, is_int8):
     if M == 0 or N == 0:
         return y
     interp = x.device.type == "cpu"
-    BM, BN, BK = (16, 16, 32) if interp else (64, 64, 64)
+    # GPU: 64x64x32 with 8 warps; 64x64x64 with 4 warps spilled (43-195 local stores) and fp32 needed 192 KiB of
+    # shared memory, over sm_80's 163 KiB (scripts/triton_aot.py)
+    BM, BN, BK, warps = (16, 16, 32, 1) if interp else (64, 64, 32, 8)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _sparse24_mm_kernel[grid](
         x, values, meta, bias if bias is not None else values, y,
         M, N, K, x.stride(0), values.stride(0), meta.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, IS_INT8=is_int8, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        HAS_BIAS=bias is not None, IS_INT8=is_int8, IEEE_DOT=interp, DOT_PRECISION=fp32_dot_precision(),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
     )
     return y
 

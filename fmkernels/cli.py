@@ -73,8 +73,18 @@ def _cmd_train(args, prog: str = "fmk train") -> int:
 
 
 def _cmd_finetune(args) -> int:
+    if getattr(args, "hf", None):  # a pretrained Hugging Face directory or GGUF file: fine-tuning defaults
+        from .train.hf_run import hf_defaults
+
+        given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        for k, v in hf_defaults(given).items():
+            setattr(args, k, v)
+        if not getattr(args, "out_dir", None):
+            args.out_dir = "runs/hf"
+        return _cmd_train(args, prog="fmk finetune")
     if not getattr(args, "init_from", None):
-        print("fmk finetune: --from CHECKPOINT is required (a checkpoint directory or a run directory)", file=sys.stderr)
+        print("fmk finetune: --from CHECKPOINT or --hf PATH is required (a checkpoint or run directory; a Hugging "
+              "Face model directory or .gguf file)", file=sys.stderr)
         return 2
     return _cmd_train(args, prog="fmk finetune")
 

@@ -108,4 +108,8 @@ def load_tokenizer(directory):
         from tokenizers import Tokenizer
 
         return BPETokenizer(Tokenizer.from_file(str(d / "tokenizer.json")))
+    if meta.get("kind") == "hf":
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(d, meta.get("vocab_size"))
     raise ValueError(f"{meta_path}: unknown tokenizer kind {meta.get('kind')!r}")

@@ -71,6 +71,13 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "wqkv,wo,w13,w2"  # comma-separated module names (last name component or full path)
     lora_base: str = "dense"  # "dense" | "int8" | "int4": quantize the frozen base before adding adapters (QLoRA)
+    lora_group_size: Optional[int] = None  # int4 QLoRA base group size (32/64/128/256); None: per layer the largest
+    # of 128, 64, 32 dividing in_features
+    # ---- pretrained Hugging Face / GGUF decoders (fmk finetune --hf; fmkernels/train/hf_source.py)
+    hf: Optional[str] = None  # a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3)
+    data: Optional[str] = None  # .txt | .jsonl (text, prompt/completion or messages); None: the corpus as text
+    train_on: str = "completion"  # "completion" (loss on completion / assistant tokens) | "all"
+    strict: bool = False  # error (instead of truncating with a warning) on sequences longer than seq_len / positions
     # ---- data augmentation of training batches (validation untouched; fmkernels/data/augment.py)
     aug_crop: float = 0.0  # probability per row of a random crop offset (drop the first k in [1, T/2] tokens)
     aug_token_dropout: float = 0.0  # probability per input token of replacing it by another token of its row
@@ -202,6 +209,25 @@ class TrainConfig:
             bad("lora_base", "needs lora_rank > 0 (a quantized base is frozen; only adapters train)")
         if self.lora_rank and self.model_impl != "fmkernels":
             bad("lora_rank", "needs model_impl 'fmkernels'")
+        if self.train_on not in ("completion", "all"):
+            bad("train_on", "must be 'completion' or 'all'")
+        if self.lora_group_size not in (None, 32, 64, 128, 256):
+            bad("lora_group_size", "must be 32, 64, 128 or 256")
+        if self.data is not None and not self.hf:
+            bad("data", "is for fine-tuning a pretrained model: give --hf PATH too (or use --corpus)")
+        if self.hf is not None:
+            if self.init_from is not None:
+                bad("hf", "cannot be combined with init_from (--from): one model source")
+            if self.data is not None and not os.path.exists(self.data):
+                bad("data", "does not exist (a .txt or .jsonl file)")
+            if self.model_impl != "fmkernels":
+                bad("model_impl", "must be 'fmkernels' with hf")
+            for name, off in (("tasks", "lm"), ("select_mode", "none"), ("qat", None), ("sparsity", None)):
+                if getattr(self, name) != off:
+                    bad(name, f"is not supported with hf yet (leave it at {off!r})")
+            if self.int8_training or any(getattr(self, n) for n in ("aug_crop", "aug_token_dropout", "aug_span_mask",
+                                                                    "aug_rename")):
+                bad("hf", "cannot be combined with int8_training or token augmentation yet")
         if self.init_from is not None and not os.path.exists(self.init_from):
             bad("init_from", "does not exist (a checkpoint directory or a run directory)")
         for name in ("aug_crop", "aug_token_dropout", "aug_span_mask", "aug_rename"):

@@ -56,15 +56,21 @@ def attach_lora(model: nn.Module, cfg) -> list[str]:
     base = get("lora_base", "dense") or "dense"
     targets = get("lora_targets", "wqkv,wo,w13,w2")
     if base != "dense":
-        _quantize_targets(model, base, targets)
+        _quantize_targets(model, base, targets, get("lora_group_size", None))
+    splits = None
+    mcfg = getattr(model, "cfg", None)
+    if get("hf") and mcfg is not None:  # one adapter per HF projection (q, k, v / gate, up), as PEFT places them
+        D = mcfg.head_dim
+        parts = {"wqkv": [mcfg.n_heads * D, mcfg.n_kv_heads * D, mcfg.n_kv_heads * D], "w13": [mcfg.ffn_dim] * 2}
+        splits = lambda name: parts.get(name.rsplit(".", 1)[-1])
     try:
         return apply_lora(model, int(get("lora_rank")), float(get("lora_alpha", 16.0)), float(get("lora_dropout", 0.0)),
-                          targets)
+                          targets, splits=splits)
     except ValueError as e:
         raise ConfigError(f"config: lora_targets {targets!r}: {e}") from e
 
 
-def _quantize_targets(model: nn.Module, kind: str, targets: str) -> None:
+def _quantize_targets(model: nn.Module, kind: str, targets: str, group_size: Optional[int] = None) -> None:
     from ..nn.lora import _matches, _targets
     from ..nn.linear import is_dense_linear
     from ..nn.quantized import Int4Linear, Int8Linear
@@ -75,7 +81,14 @@ def _quantize_targets(model: nn.Module, kind: str, targets: str) -> None:
         if is_dense_linear(mod) and _matches(name, tg):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, cls.from_float(mod))
+            if cls is Int4Linear:
+                g = group_size or next((v for v in (128, 64, 32) if mod.in_features % v == 0), 128)
+                if mod.in_features % g:
+                    raise ConfigError(f"config: lora_group_size {g} must divide in_features "
+                                      f"{mod.in_features} of {name} (int4 QLoRA base)")
+                setattr(parent, child, cls.from_float(mod, group_size=g))
+            else:
+                setattr(parent, child, cls.from_float(mod))
 
 
 def merge_to_dense(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..data import bits_per_byte, eval_windows, prepare_data
 from ..models import PlainTransformer, Transformer, fmk_to_plain_state_dict, plain_to_fmk_state_dict
 from . import checkpoint as ckpt
+from . import hf_run
 from .config import TrainConfig
 from .parallel import (DistInfo, apply_activation_checkpointing, apply_transforms, setup_distributed,
                        teardown_distributed, unwrap, wrap_distributed)
@@ -146,6 +147,8 @@ class Trainer:
         sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
         if self.cfg.model_impl == "plain":
             sd = plain_to_fmk_state_dict(sd, self.mcfg)
+        if self.cfg.hf:
+            sd = hf_run.model_state_for_checkpoint(self.cfg, sd)
         return sd
 
     def optim_state(self) -> dict:
@@ -167,7 +170,10 @@ class Trainer:
             if optim_sd is not None:
                 set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
         else:
-            unwrap(self.model).load_state_dict(model_sd)
+            if self.cfg.hf:
+                hf_run.load_into(unwrap(self.model), model_sd, self.cfg.lora_rank > 0)
+            else:
+                unwrap(self.model).load_state_dict(model_sd)
             if optim_sd is not None:
                 self.opt.load_state_dict(optim_sd)
 
@@ -183,6 +189,8 @@ class Trainer:
                 config=self.cfg.to_dict(), model_config=self.mcfg.to_dict(), corpus_hash=self.data.corpus_hash,
                 world=self.info.world,
             )
+            if self.cfg.hf:
+                state.update(hf_run.checkpoint_state(self.cfg, self.source))
             path = ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, state, self.data.tokenizer,
                                         keep_last=self.cfg.keep_last)
             self.last_ckpt = path
@@ -197,6 +205,11 @@ class Trainer:
         model = self.model if self.info.mode == "fsdp" else unwrap(self.model)
         was_training = model.training
         model.eval()
+        if self.cfg.hf:  # packed documents with label masks (fmkernels/data/sft.py)
+            r = hf_run.evaluate_model(model, self.data, self.cfg.batch_size, max_tokens, self._autocast)
+            if was_training:
+                model.train()
+            return r["val_loss"], r["val_bpb"]
         tb = torch.from_numpy(self.data.token_bytes)
         sum_nll, n_tok, n_bytes = 0.0, 0, 0
         B = self.cfg.batch_size
@@ -334,16 +347,21 @@ class Trainer:
             pre = load_pretrained(cfg.init_from)
             self.log(f"fine-tuning from {pre['path']} (architecture and tokenizer from the checkpoint)")
         tok_dir = str(pre["tokenizer_dir"]) if pre else None
-        if info.is_main:
+        self.source = None
+        if cfg.hf:  # a pretrained Hugging Face / GGUF decoder (fmkernels/train/hf_run.py)
+            self.source, self.data = hf_run.build(cfg, self.log if info.is_main else (lambda m: None))
+        elif info.is_main:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
                                      cfg.text_field, log=self.log, tokenizer_dir=tok_dir,
                                      rename_p=cfg.aug_rename, rename_seed=cfg.seed)
         self._barrier()
-        if not info.is_main:
+        if not info.is_main and not cfg.hf:
             self.data = prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
                                      cfg.text_field, log=lambda m: None, tokenizer_dir=tok_dir,
                                      rename_p=cfg.aug_rename, rename_seed=cfg.seed)
-        if pre:
+        if self.source is not None:
+            self.mcfg = self.source.mcfg
+        elif pre:
             import dataclasses
 
             self.mcfg = dataclasses.replace(pre["model_config"], max_seq_len=cfg.seq_len)
@@ -351,7 +369,7 @@ class Trainer:
             self.mcfg = cfg.model_config(self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         cls = Transformer if cfg.model_impl == "fmkernels" else PlainTransformer
-        model = cls(self.mcfg).to(self.device)
+        model = (self.source.model if self.source is not None else cls(self.mcfg)).to(self.device)
         if pre:
             sd = pre["model"] if cfg.model_impl == "fmkernels" else fmk_to_plain_state_dict(pre["model"], self.mcfg)
             model.load_state_dict(sd)
@@ -391,10 +409,14 @@ class Trainer:
         fill = self.data.tokenizer.encode(" ")
         self.augment = TokenAugment(cfg.aug_crop, cfg.aug_token_dropout, cfg.aug_span_mask, cfg.aug_span_len,
                                     int(fill[0]) if fill else 0)
-        from .selection import build_selection, train_flops_per_token
+        from .selection import Selection, build_selection, train_flops_per_token
 
-        self.selection = build_selection(cfg, self.data, self.mcfg, info, self.device, lambda: unwrap(self.model),
-                                         self._autocast, self.log)
+        if cfg.hf:  # packed documents: the data's own step-keyed sampler
+            self.selection = Selection(self.data.sampler(cfg.batch_size, cfg.grad_accum, cfg.seed, info.rank,
+                                                         info.world))
+        else:
+            self.selection = build_selection(cfg, self.data, self.mcfg, info, self.device,
+                                             lambda: unwrap(self.model), self._autocast, self.log)
         self.sampler = self.selection.sampler
         self.flops_per_step = train_flops_per_token(self.mcfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len \
             * cfg.grad_accum + self.selection.score_flops_per_step  # per rank
@@ -408,6 +430,8 @@ class Trainer:
                 self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             else:
                 st = ck["state"]
+                if cfg.hf:
+                    hf_run.check_fingerprint(ck, self.source)
                 if st.get("corpus_hash") != self.data.corpus_hash:
                     self.log("WARNING: the checkpoint was trained on a different corpus (hash differs)")
                 self.load_states(ck["model"], ck["optimizer"])
@@ -437,7 +461,7 @@ class Trainer:
         model = self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = self.sampler.batch(self.step, micro)
+            x, y, *seg = self.sampler.batch(self.step, micro)  # packed runs add document segments
             if self.augment.active:  # training batches only; keyed by (seed, step, micro, rank): resumable
                 from ..data.augment import augment_batch
 
@@ -450,6 +474,8 @@ class Trainer:
                 with self._autocast():
                     if self.tasks is not None:
                         loss = self.tasks.loss(unwrap(model), self.step, micro, (x, y))
+                    elif seg:
+                        loss = model(x, y, segments=seg[0].to(self.device))
                     else:
                         loss = model(x, y)
                 (loss / cfg.grad_accum).backward()

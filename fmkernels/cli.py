@@ -1,4 +1,5 @@
-"""The `fmk` command: fmk train | finetune | finetune-minilm | merge | prune | quantize | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | finetune-minilm | merge | prune | quantize | eval | generate | export |
+info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
@@ -13,6 +14,8 @@
     fmk quantize --checkpoint DIR --out_dir Q --format int8|int4 [--group_size 128] [--recover_steps 200]  # QAT
     fmk eval --checkpoint DIR
     fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
+    fmk finetune --hf MODEL_DIR_OR_GGUF --data train.jsonl --lora_rank 16 --out_dir FT   # pretrained HF / GGUF
+    fmk export --checkpoint FT --out_dir HF_OUT [--peft]   # Hugging Face directory / PEFT adapter
 """
 from __future__ import annotations
 
@@ -174,9 +177,43 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _is_hf_run(path) -> bool:
+    from .train.checkpoint import resolve_checkpoint
+
+    st = resolve_checkpoint(path) / "state.json"
+    return st.exists() and bool(json.loads(st.read_text()).get("hf"))
+
+
+def _hf_errors():
+    from .data.corpus import CorpusError
+    from .models.config import ConfigError
+    from .train.checkpoint import CheckpointError
+
+    return (ConfigError, CorpusError, CheckpointError)
+
+
+def _cmd_eval_hf(args) -> int:
+    from .train.hf_run import evaluate_run
+
+    try:
+        r = evaluate_run(args.checkpoint, args.data, args.max_tokens, min(args.batch_size, 8), args.hf)
+    except _hf_errors() as e:
+        print(f"fmk eval: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=1) if args.json else
+          f"{r['checkpoint'] or args.hf} (step {r['step']}): held-out loss {r['val_loss']:.4f} (perplexity "
+          f"{r['val_ppl']:.3f}), {r['val_bpb']:.4f} bits per byte over {r['tokens']:,} loss tokens of {r['data']}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .train.evaluate import evaluate_checkpoint
 
+    if args.checkpoint is None and args.hf is None:
+        print("fmk eval: give --checkpoint RUN (or --hf PATH --data FILE for a base model)", file=sys.stderr)
+        return 2
+    if args.hf is not None or args.data is not None or _is_hf_run(args.checkpoint):
+        return _cmd_eval_hf(args)
     r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
                             batch_size=args.batch_size)
     print(json.dumps(r, indent=1) if args.json else
@@ -188,8 +225,34 @@ def _cmd_eval(args) -> int:
 
 def _cmd_generate(args) -> int:
     from .train.evaluate import load_model
-    from .train.generate import generate
+    from .train.generate import generate, generate_ids
 
+    if args.checkpoint is None and args.hf is None:
+        print("fmk generate: give --checkpoint RUN or --hf PATH", file=sys.stderr)
+        return 2
+    if args.hf is not None or _is_hf_run(args.checkpoint):
+        from .train import hf_run, hf_source
+
+        try:
+            if args.checkpoint is not None:
+                model, tok, _, _ = hf_run.load_run(args.checkpoint, args.hf)
+            else:
+                src = hf_source.load_source(args.hf, None)
+                model, tok = src.model.eval(), src.tokenizer
+        except _hf_errors() as e:
+            print(f"fmk generate: {e}", file=sys.stderr)
+            return 2
+        if tok.chat_template and not args.raw:  # chat models: the prompt as a user turn
+            ids = tok.tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                              tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tok.encode(args.prompt)
+        out = generate_ids(model, ids, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
+                           use_cache=not args.no_cache, stop_id=tok.eos_id)
+        print(tok.tok.decode(out, skip_special_tokens=True) if tok.chat_template and not args.raw
+              else args.prompt + tok.decode(out))
+        return 0
     model, tok, _ = load_model(args.checkpoint)
     text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
                     use_cache=not args.no_cache)
@@ -264,15 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group_size", "--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
     s = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--checkpoint", default=None, help="a run directory (its newest checkpoint) or a checkpoint dir")
     s.add_argument("--corpus", default=None, help="default: the corpus the checkpoint was trained on")
+    s.add_argument("--data", default=None, help="a --hf run: the .txt / .jsonl whose held-out split is scored "
+                   "(default: the run's data)")
+    s.add_argument("--hf", default=None, help="a Hugging Face directory or .gguf: score the base model (with --data), "
+                   "or the base to rebuild a --hf run on")
     s.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
     s.add_argument("--batch_size", "--batch-size", type=int, default=16)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--hf", default=None, help="a Hugging Face directory or .gguf: generate from the base model "
+                   "(or the base of a --hf run)")
+    s.add_argument("--raw", action="store_true", help="chat models: the prompt as plain text, no chat template")
     s.add_argument("--prompt", default="def ")
     s.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
@@ -281,7 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no_cache", "--no-cache", action="store_true",
                    help="re-run the whole context for every token instead of using the KV cache")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("export", help="a `fmk finetune --hf` run as a Hugging Face directory (merged weights) or, "
+                       "with --peft, a PEFT LoRA adapter")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--out_dir", "--out-dir", required=True, help="a new or empty directory")
+    s.add_argument("--peft", action="store_true", help="write adapter_config.json + adapter_model.safetensors")
+    s.add_argument("--hf", default=None, help="the base model, if it moved since training")
+    s.set_defaults(func=_cmd_export)
     return p
+
+
+def _cmd_export(args) -> int:
+    from .train.hf_run import export_run
+
+    try:
+        out = export_run(args.checkpoint, args.out_dir, peft=args.peft, hf=args.hf)
+    except _hf_errors() as e:
+        print(f"fmk export: {e}", file=sys.stderr)
+        return 2
+    print(f"fmk export: wrote {'a PEFT adapter' if args.peft else 'a Hugging Face model directory'} to {out}")
+    return 0
 
 
 def main(argv=None) -> int:

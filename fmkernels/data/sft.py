@@ -270,9 +270,10 @@ def prepare_sft(path, tokenizer, seq_len: int, val_fraction: float = 0.05, train
         msg = f"data: {truncated} of {len(recs)} examples longer than seq_len {seq_len} were truncated"
         log(f"WARNING: {msg}")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    k = max(2, round(1 / val_fraction)) if len(docs) >= 2 else 0
-    val_docs = [p for i, d in enumerate(docs) if k and i % k == k - 1 for p in d]
-    train_docs = [p for i, d in enumerate(docs) if not (k and i % k == k - 1) for p in d]
+    k = max(2, round(1 / val_fraction))
+    held = {i for i in range(len(docs)) if i % k == k - 1} or ({len(docs) - 1} if len(docs) >= 2 else set())
+    val_docs = [p for i, d in enumerate(docs) if i in held for p in d]
+    train_docs = [p for i, d in enumerate(docs) if i not in held for p in d]
     if not train_docs or not val_docs:
         raise CorpusError(f"data: {path}: {len(recs)} record(s) are too few for a training and a held-out split "
                           f"(val_fraction {val_fraction})")
@@ -287,7 +288,7 @@ def prepare_sft(path, tokenizer, seq_len: int, val_fraction: float = 0.05, train
     log(f"data {path}: {stats['format']}, {len(recs)} records -> {len(rt)} training rows / {len(rv)} held-out rows of "
         f"{seq_len} tokens ({stats['train_targets']:,} / {stats['val_targets']:,} loss tokens; train_on {train_on})")
     return SFTData(rt, rv, tokenizer, h.hexdigest(), tokenizer.token_bytes(),
-                   (len(recs) - len(recs) // k if k else len(recs), len(recs) // k if k else 0), stats)
+                   (len(docs) - len(held), len(held)), stats)
 
 
 def bits_per_byte_of(nll: float, n_bytes: int) -> float:

@@ -139,7 +139,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     if freeze_others:
         for p in model.parameters():
             p.requires_grad_(False)
-    for parent, child, _, mod in found:
+    for parent, child, name, mod in found:
         setattr(parent, child, LoRALinear(mod, rank, alpha, dropout, splits(name) if splits else None))
     return [n for _, _, n, _ in found]
 

@@ -112,8 +112,8 @@ def evaluate_run(path, data: Optional[str] = None, max_tokens: Optional[int] = N
         cfg = ck["state"]["config"]
         seq_len = ck["state"]["model_config"]["max_seq_len"]
     else:
-        src = hf_source.load_source(hf, 512)
-        model, tok, ck, cfg, seq_len = src.model.eval(), src.tokenizer, None, {}, src.mcfg.max_seq_len
+        src = hf_source.load_source(hf, None)  # the model's positions (held-out loss does not depend on packing)
+        model, tok, ck, cfg, seq_len = src.model.eval(), src.tokenizer, None, {}, min(512, src.mcfg.max_seq_len)
     data = data or cfg.get("data")
     if data is None:
         raise ConfigError("eval: give --data FILE (the run has no data file recorded)")

@@ -114,12 +114,13 @@ def _rope_params(hfc) -> dict:
     return rp
 
 
-def fmk_config(hfc, seq_len: int, strict: bool = False, log=print) -> TransformerConfig:
+def fmk_config(hfc, seq_len: Optional[int], strict: bool = False, log=print) -> TransformerConfig:
     """The TransformerConfig of an HF config, max_seq_len = seq_len (clamped to the model's positions with a
-    warning, or ConfigError with strict)."""
+    warning, or ConfigError with strict; None: the model's positions, at most 4096)."""
     check_architecture(hfc)
     mt = hfc.model_type
-    max_pos = int(getattr(hfc, "max_position_embeddings", seq_len) or seq_len)
+    max_pos = int(getattr(hfc, "max_position_embeddings", None) or seq_len or 4096)
+    seq_len = seq_len or min(max_pos, 4096)
     if seq_len > max_pos:
         msg = f"hf: seq_len {seq_len} exceeds the model's {max_pos} positions"
         if strict:
@@ -236,7 +237,7 @@ def load_hf_model(path):
     return model, tok
 
 
-def load_source(path, seq_len: int = 512, strict: bool = False, log=print) -> HFSource:
+def load_source(path, seq_len: Optional[int] = 512, strict: bool = False, log=print) -> HFSource:
     """Build our Transformer from a Hugging Face directory or GGUF file (see the module docstring)."""
     d, gguf = resolve(path)
     hfc = load_hf_config(d, gguf)

@@ -317,3 +317,23 @@ def test_real_smollm2_gguf_lora_steps(tmp_path):
     assert s["exit_code"] == 0 and np.isfinite(s["final_train_loss"]) and np.isfinite(s["val_loss"])
     ck = ckpt.load_checkpoint(ckpt.resolve_checkpoint(tmp_path / "run"))
     assert len(ck["model"]) == 30 * 4 * 2  # A and B of wqkv, wo, w13, w2 in 30 layers, nothing else
+
+
+# ------------------------------------------------------------------------------------------------ the LoRA op
+
+
+@pytest.mark.parametrize("splits", [[24], [16, 4, 4], [7, 7]])
+def test_lora_update_matches_block_diagonal_reference(splits):
+    from fmkernels.ops import lora_update
+
+    torch.manual_seed(0)
+    r, n_in, S = 3, 10, len(splits)
+    y = torch.randn(2, 5, sum(splits), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(S * r, n_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(sum(splits), r, dtype=torch.float64, requires_grad=True)
+    ref = lambda y, x, A, B: y + 0.7 * x @ (torch.block_diag(*B.split(splits)) @ A).t()
+    torch.testing.assert_close(lora_update(y, x, A, B, splits, r, 0.7), ref(y, x, A, B))
+    assert torch.autograd.gradcheck(lambda *t: lora_update(*t, splits, r, 0.7), (y, x, A, B))
+    with pytest.raises(ValueError, match="A must be"):
+        lora_update(y, x, A[:1], B, splits, r, 0.7)

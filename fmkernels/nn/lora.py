@@ -14,8 +14,9 @@ import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import ops
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_parameters"]
 
@@ -71,15 +72,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # quantized bases pass the straight-through dx = dy @ W_deq (fmkernels.ops.quant)
-        d = self.lora_dropout(x)
-        h = F.linear(d.to(self.lora_A.dtype), self.lora_A)  # (..., S*rank)
-        b = self._b_full()
-        if y.dtype == h.dtype and not torch.is_autocast_enabled(y.device.type):
-            # base + scaling * h @ B^T as one GEMM accumulating into a copy of y: no scaled (tokens, out) update
-            y2 = y.reshape(-1, y.shape[-1])
-            return torch.addmm(y2, h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling).view(y.shape)
-        upd = F.linear(h, b) * self.scaling
-        return y + upd.to(y.dtype)
+        return ops.lora_update(y, self.lora_dropout(x), self.lora_A, self.lora_B, self.splits, self.rank,
+                               self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's dense update (out, in), fp32."""

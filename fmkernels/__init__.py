@@ -8,6 +8,8 @@ Every public op is also in `fmkernels.ops`; modules are in `fmkernels.nn`. Workf
 (quantize_, sparsify_, patch, ...) load lazily on first use, so `import fmkernels` stays light and never
 imports optional packages (transformers, peft).
 """
+import importlib
+
 from . import _library  # noqa: F401  (the fmkernels:: namespace)
 from . import _ext
 from ._dispatch import BackendError
@@ -50,8 +52,6 @@ def __getattr__(name):
     mod_name = _LAZY.get(name)
     if mod_name is None:
         raise AttributeError(f"module 'fmkernels' has no attribute {name!r}")
-    import importlib
-
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:

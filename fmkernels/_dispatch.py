@@ -52,6 +52,8 @@ class Backend:
     # Automatic choice only: a reason to pass over this backend for a call that another backend runs faster
     # (measured); a forced backend ignores it.
     prefer_other: Optional[Callable[[Query], Optional[str]]] = None
+    # Source files of this backend that its fn does not name itself (fmk info --files), relative to the checkout.
+    files: tuple[str, ...] = ()
 
     def reason(self, q: Query, forced: bool) -> Optional[str]:
         """Why this backend cannot run `q` (None when it can)."""

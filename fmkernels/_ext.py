@@ -7,6 +7,8 @@ import importlib
 import os
 import warnings
 
+import torch
+
 _STATE: dict[str, dict] = {}
 
 
@@ -39,8 +41,6 @@ def cpu_ext():
 
 def cuda_ext():
     """fmkernels._C_cuda (CUDA kernels), or None. Quiet when torch has no CUDA: nothing to miss then."""
-    import torch
-
     if os.environ.get("FMK_DISABLE_EXT", "0") == "1":
         return None
     quiet = not torch.cuda.is_available()

@@ -1,12 +1,18 @@
 """fmkernels.info(): what was built, what this machine has, and which backend each op picks."""
 from __future__ import annotations
 
+import inspect
 import platform
+import re
+from pathlib import Path
 
 import torch
 
-from . import _dispatch, _ext
+from . import _autograd, _dispatch, _ext
 from ._version import __version__
+
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"  # present in a checkout or an sdist, not in a wheel
 
 
 def _triton_version() -> str | None:
@@ -72,4 +78,71 @@ def format_info(d: dict) -> str:
     ]
     for name, o in d["ops"].items():
         lines.append(f"{name:<22}{o['cpu']:<18}{o['cuda']:<18}{', '.join(o['backends'])}")
+    return "\n".join(lines)
+
+
+def _schema_files() -> dict:
+    """fmkernels:: schema name -> the csrc files that implement it (m.impl("name", ...)), from a checkout."""
+    out: dict = {}
+    if not CSRC.is_dir():
+        return out
+    for f in sorted(CSRC.rglob("*")):
+        if f.suffix not in (".cpp", ".cu"):
+            continue
+        for name in re.findall(r'm\.impl\("(\w+)"', f.read_text(errors="replace")):
+            files = out.setdefault(name, [])
+            files.append(f)
+            kernel = f.with_name(f.name.replace("_binding.cpp", ".cu"))
+            if kernel != f and kernel.exists():
+                files.append(kernel)
+    return out
+
+
+def _rel(f: Path) -> str:
+    try:
+        return str(f.relative_to(PACKAGE.parent))
+    except ValueError:
+        return str(f)
+
+
+def op_files() -> dict:
+    """{op: {backend: [files]}} read from the dispatch registry: each backend's Python file, the Triton module
+    its launcher lives in, the C++ / CUDA sources implementing the schemas it calls (from a checkout), and the
+    file holding the op's autograd."""
+    schemas = _schema_files()
+    out = {}
+    for name, op in sorted(_dispatch.OPS.items()):
+        per = {}
+        for bname, b in op.backends.items():
+            files = [PACKAGE.parent / f for f in b.files]
+            key = {"cpu": "/cpu/", "cuda": "/cuda/"}.get(bname)
+            schema = getattr(getattr(b.fn, "_schema", None), "name", None)  # an OpOverload: fmkernels::name
+            if schema is not None and key:
+                files += [f for f in schemas.get(schema.split("::")[-1], []) if key in str(f)]
+            elif not b.files:
+                try:
+                    files.append(Path(inspect.getsourcefile(b.fn)))
+                    src = inspect.getsource(b.fn)
+                except (TypeError, OSError):
+                    src = ""
+                if "triton_module()" in src:
+                    src += inspect.getsource(inspect.getmodule(b.fn).triton_module)
+                files += [PACKAGE / "triton" / f"{t}.py" for t in re.findall(r"from \.\.triton import (\w+)", src)]
+                if key:
+                    for sch in re.findall(r"torch\.ops\.fmkernels\.(\w+)", src):
+                        files += [f for f in schemas.get(sch, []) if key in str(f)]
+            per[bname] = list(dict.fromkeys(_rel(f) for f in files))
+        bwd = _autograd.BACKWARDS.get(name)
+        if bwd is not None:
+            per["autograd"] = [_rel(Path(inspect.getsourcefile(bwd.make_backward)))]
+        out[name] = per
+    return out
+
+
+def format_op_files(d: dict) -> str:
+    lines = []
+    for name, per in d.items():
+        lines.append(name)
+        for b, files in per.items():
+            lines.append(f"  {b:<10} {', '.join(files) if files else '-'}")
     return "\n".join(lines)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from . import _dispatch
 
 # The standard odd shapes (design.md): along sequence / rows, and along hidden / feature dims.
 ODD_ROWS: tuple[int, ...] = (1, 7, 97, 1025)
@@ -103,8 +106,6 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def available_backends(op_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, shape=()) -> list[str]:
     """Backends of `op_name` that can run on `device` when asked for by name (triton on CPU: interpreter)."""
-    from . import _dispatch
-
     op = _dispatch.OPS[op_name]
     q = _dispatch.Query(device=device, dtype=dtype, shape=tuple(shape))
     return [n for n, b in op.backends.items() if b.reason(q, forced=True) is None]
@@ -141,8 +142,6 @@ def all_close_grads(
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 now (for torchrun / gloo rendezvous in tests)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -235,7 +235,9 @@ def test_cpu_torch_compile_fullgraph():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
 def test_triton_opcheck():
-    import fmkernels.triton.flash_attention  # noqa: F401  (registers the op)
+    from fmkernels.ops.attention import triton_module
+
+    triton_module()  # registers the op, with the backward of fmkernels/ops/attention.py
 
     q = T.randn(1, 2, 5, 16).requires_grad_(True)
     k = T.randn(1, 1, 7, 16, seed=1).requires_grad_(True)

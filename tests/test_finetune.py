@@ -307,6 +307,35 @@ def test_finetune_qlora_int8_run(pretrained, tmp_path):
     assert any(k.endswith("lora_B") and after[k].abs().max() > 0 for k in after)
 
 
+def test_qlora_run_is_usable_afterwards(pretrained, tmp_path, capsys, kind="int8"):
+    """Issue 15 bug 1: eval, generate, merge and finetune --from on what a QLoRA run wrote (the quantized base
+    modules live under `.base`, which only exist once the adapters are attached)."""
+    from fmkernels.cli import main
+
+    out = tmp_path / "qlora"
+    s = train(_cfg(out, pretrained["corpus_b"], init_from=str(pretrained["run"]), lora_rank=4, lora_base=kind,
+                   max_steps=3, final_eval=True),
+              log=lambda m: None)
+    assert s["exit_code"] == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # the run evaluated with the quantized base (int8: activations quantized too); the loaded model merges the
+    # adapters into the dequantized base weights: same weights, so within quantization noise of the run's figure
+    assert abs(r["val_bpb"] - s["val_bpb"]) < 0.05 * s["val_bpb"]
+    assert main(["generate", "--checkpoint", str(out), "--max_new_tokens", "8", "--prompt", "def "]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(out), "--out_dir", str(merged)]) == 0
+    sd = _state(merged)["model"]
+    assert not any("lora_" in k or ".base." in k or "packed" in k for k in sd)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(merged), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["val_bpb"] - r["val_bpb"]) < 1e-4
+    s2 = train(_cfg(tmp_path / "again", pretrained["corpus_a"], init_from=str(out), max_steps=2), log=lambda m: None)
+    assert s2["exit_code"] == 0 and np.isfinite(s2["final_train_loss"])
+
+
 # ---------------------------------------------------------------- data augmentation
 def test_augment_deterministic_and_effective():
     from fmkernels.data.augment import IGNORE, TokenAugment, augment_batch

@@ -18,7 +18,7 @@ from hf_helpers import chat_rows, make_hf_dir, make_tokenizer, pc_rows, text_row
 from trainer_helpers import REPO, fmk  # noqa: E402
 
 from fmkernels.data.corpus import CorpusError  # noqa: E402
-from fmkernels.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from fmkernels.data.tokenizer import HFTokenizer  # noqa: E402
 from fmkernels.data.sft import prepare_sft, read_records  # noqa: E402
 from fmkernels.models.config import ConfigError  # noqa: E402
 from fmkernels.train import checkpoint as ckpt  # noqa: E402

@@ -10,15 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fmkernels as fk
-from fmkernels.integrations import _attention, _patch
-
-
-@pytest.fixture(autouse=True)
-def attention_available(monkeypatch):
-    """Tests exercise fmkernels.flash_attention when it is part of the build; until then the SDPA-backed shim
-    with the same signature (so the attention path is still tested)."""
-    if not _attention.has_flash_attention():
-        monkeypatch.setattr(_patch, "ALLOW_ATTENTION_SHIM", True)
+from fmkernels.integrations import _attention, _patch  # noqa: F401
 
 
 class Block(nn.Module):
@@ -157,11 +149,9 @@ def test_compile_fullgraph_plain_model_matches_eager():
     torch._dynamo.reset()
 
 
-def test_fused_attention_uses_fmkernels_flash_attention_when_present(monkeypatch):
-    if not _attention.has_flash_attention():
-        pytest.skip("fmkernels.flash_attention is not part of this build (the shim stands in)")
+def test_fused_attention_uses_fmkernels_flash_attention(monkeypatch):
     calls = []
-    real = fk.flash_attention
+    real = fk.ops.flash_attention
 
     def spy(*a, **k):
         calls.append(1)
@@ -169,18 +159,9 @@ def test_fused_attention_uses_fmkernels_flash_attention_when_present(monkeypatch
 
     m = Plain()
     fk.patch(m)
-    monkeypatch.setattr(fk, "flash_attention", spy)
+    monkeypatch.setattr(fk.ops, "flash_attention", spy)
     m(torch.randn(1, 5, 64))
     assert len(calls) == 2
-    fk.unpatch(m)
-
-
-def test_attention_skipped_without_kernel(monkeypatch):
-    monkeypatch.setattr(_patch, "ALLOW_ATTENTION_SHIM", False)
-    monkeypatch.setattr(_attention, "has_flash_attention", lambda: False)
-    m = Plain()
-    r = fk.patch(m)
-    assert "flash_attention is not part of this build" in r.skipped["attention"]
     fk.unpatch(m)
 
 

@@ -21,14 +21,12 @@ WORKER = textwrap.dedent(
     import torch, torch.distributed as dist
     import transformers
     import fmkernels as fk
-    from fmkernels.integrations import _attention, _patch
+    from fmkernels.integrations import _attention, _patch  # noqa: F401
 
     mode = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    if not _attention.has_flash_attention():
-        _patch.ALLOW_ATTENTION_SHIM = True
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    attn_implementation="sdpa")

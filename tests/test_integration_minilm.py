@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
 import fmkernels as fk  # noqa: E402
-from fmkernels.integrations import _attention, _patch  # noqa: E402
+from fmkernels.integrations import _attention, _patch  # noqa: E402,F401
 from fmkernels.train.minilm import minilm_path  # noqa: E402
 
 SENTENCES = [
@@ -34,12 +34,6 @@ def minilm():
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     return tok, model
-
-
-@pytest.fixture(autouse=True)
-def attention_available(monkeypatch):
-    if not _attention.has_flash_attention():
-        monkeypatch.setattr(_patch, "ALLOW_ATTENTION_SHIM", True)
 
 
 def embed(model, batch):

@@ -229,6 +229,44 @@ def test_bsr_mm_gradients(backend):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4, msg=f"{backend} {n}")
 
 
+SDDMM_BACKENDS = T.available_backends("sparse24_values_grad", "cpu")
+
+
+@pytest.mark.parametrize("backend", SDDMM_BACKENDS)
+@pytest.mark.parametrize("M,N,K", [(1, 16, 64), (7, 17, 36), (33, 20, 100)])
+def test_sparse24_values_grad_matches_reference(backend, M, N, K):
+    _, m = _w24(N, K, seed=K)
+    gy, x = T.randn(M, N, seed=1), T.randn(M, K, seed=2)
+    want = (gy.t() @ x).gather(1, R.sparse24_columns(m, K))  # dense grad of W at the kept columns
+    got = S.sparse24_values_grad(gy, x, m, backend=backend)
+    assert got.shape == (N, K // 2) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse24_values_grad_bad_input():
+    _, m = _w24(16, 64)
+    with pytest.raises(ValueError, match="grad_y"):
+        S.sparse24_values_grad(T.randn(3, 16), T.randn(4, 64), m)
+    with pytest.raises(ValueError, match="meta"):
+        S.sparse24_values_grad(T.randn(4, 16), T.randn(4, 64), m[:8])
+
+
+def test_sparse24_backward_resolves_on_cuda_tensors():
+    """The 2:4 backward's values gradient has a backend for CUDA tensors (once a CPU-only kernel, so a 2:4 layer
+    trained on a GPU ran the CUDA forward and failed in the backward); asked of the dispatcher, no GPU needed."""
+    from fmkernels import _dispatch
+
+    op = _dispatch.OPS["sparse24_values_grad"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        impl = op.select(_dispatch.Query(device="cuda", dtype=dtype, shape=(64, 128, 256)))
+        assert impl.name in ("triton", "reference") and "cuda" in impl.devices
+    # every forward backend of sparse24_mm and bsr_mm gets the one backward of fmkernels/ops/sparse.py
+    from fmkernels import _autograd
+
+    assert "fmkernels::sparse24_mm" in _autograd.BACKWARDS["sparse24_mm"].attached
+    assert "fmkernels::bsr_mm" in _autograd.BACKWARDS["bsr_mm"].attached
+
+
 def test_bsr_transpose_is_the_transpose():
     blocks, rp, ci = _bsr(64, 96, 16, 0.4, seed=7)
     tb, trp, tci = S.bsr_transpose(blocks, rp, ci, 96)

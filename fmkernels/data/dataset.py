@@ -12,6 +12,7 @@ a run is its step counter and resuming replays exactly the same batches.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .corpus import CorpusError, load_documents, split_documents
+from .augment import rename_identifiers
+from .corpus import CorpusError, Document, load_documents, split_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 CACHE_VERSION = 1
@@ -82,8 +84,6 @@ def prepare_data(
     train_docs, val_docs = split_documents(docs, val_fraction)
     tok_key = "byte" if tokenizer == "byte" else f"bpe{vocab_size}"
     if tokenizer_dir is not None:
-        import hashlib
-
         h = hashlib.sha256()
         for f in sorted(Path(tokenizer_dir).rglob("*")):
             if f.is_file():
@@ -139,14 +139,9 @@ def prepare_data(
 
 
 def _rename_docs(docs, p: float, seed: int, log) -> list:
-    import hashlib as _h
-
-    from .augment import rename_identifiers
-    from .corpus import Document
-
     out, n = [], 0
     for d in docs:
-        k = int.from_bytes(_h.sha256(d.key.encode()).digest()[:8], "little")
+        k = int.from_bytes(hashlib.sha256(d.key.encode()).digest()[:8], "little")
         rng = np.random.default_rng([seed, k])
         if d.key.split("#")[0].split(":")[0].endswith(".py") and rng.random() < p:
             r = rename_identifiers(d.text, seed=int(rng.integers(1 << 31)))

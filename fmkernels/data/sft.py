@@ -11,9 +11,11 @@ so a resumed run sees the same batches.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .corpus import CorpusError
+from .corpus import CorpusError, load_documents
 
 FORMATS = ("text", "prompt_completion", "messages")
 
@@ -212,6 +214,23 @@ class SFTData:
                 return
 
 
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 4, max_tokens: Optional[int] = None, autocast=None) -> dict:
+        """Held-out loss (nats per loss token), perplexity and bits per byte (UTF-8 bytes of the loss tokens)."""
+        tb = torch.from_numpy(self.token_bytes)
+        dev = next(model.parameters()).device
+        nll, ntok, nbytes, t0 = 0.0, 0, 0, time.perf_counter()
+        for x, y, seg in self.eval_batches(batch_size, max_tokens):
+            with autocast() if autocast else contextlib.nullcontext():
+                nll += float(model(x.to(dev), y.to(dev), reduction="sum", segments=seg.to(dev)))
+            keep = y[y != -100]
+            ntok += keep.numel()
+            nbytes += int(tb[keep].sum())
+        loss = nll / max(ntok, 1)
+        return dict(loss=loss, ppl=math.exp(min(loss, 50.0)), bpb=nll / math.log(2) / max(nbytes, 1), tokens=ntok,
+                    bytes=nbytes, eval_s=time.perf_counter() - t0)
+
+
 class PackedSampler:
     """batch(step, micro) -> (x, y, segments): rows of a per-epoch permutation keyed by (seed, epoch), split across
     ranks; a function of (step, micro) only, so a resumed run draws the same batches."""
@@ -237,8 +256,6 @@ class PackedSampler:
 
 def corpus_records(corpus: str, include_tests: bool = False, text_field: str = "text") -> list[Record]:
     """The documents of a trainer corpus ("stdlib", a directory, .txt, .jsonl) as text records."""
-    from .corpus import load_documents
-
     docs, _ = load_documents(corpus, include_tests, text_field)
     return [Record("text", d.text, str(d.key)) for d in docs if d.text]
 
@@ -290,6 +307,3 @@ def prepare_sft(path, tokenizer, seq_len: int, val_fraction: float = 0.05, train
     return SFTData(rt, rv, tokenizer, h.hexdigest(), tokenizer.token_bytes(),
                    (len(docs) - len(held), len(held)), stats)
 
-
-def bits_per_byte_of(nll: float, n_bytes: int) -> float:
-    return nll / math.log(2) / max(n_bytes, 1)

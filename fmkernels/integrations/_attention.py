@@ -1,9 +1,8 @@
 """Attention entry points used by patch(): the fused-kernel call, the plain-PyTorch SDPA interceptor, and the
 Hugging Face `AttentionInterface` function. No transformers import here (the HF fallback is passed in).
 
-Everything reaches the kernel through `flash_attention(...)` below: `fmkernels.flash_attention` when it is part
-of the build, else a private shim with the same signature (SDPA with FlashAttention-2 alignment), so the day the
-kernel lands only this function's lookup changes.
+Which calls the kernel can take is decided in one place, `fmkernels.nn.attention.sdpa_fallback_reason`; the
+plain-PyTorch interceptor is that module's SDPA drop-in plus the report's counters.
 """
 from __future__ import annotations
 
@@ -13,36 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-import fmkernels
-
-
-def has_flash_attention() -> bool:
-    return hasattr(fmkernels, "flash_attention")
-
-
-def _shim_flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, return_lse=False,
-                          backend=None):
-    """Same contract as fmkernels.flash_attention (B, H, N, D), GQA by Hkv | Hq, causal bottom-right aligned."""
-    if window_size != (-1, -1) or return_lse:
-        raise NotImplementedError("the flash_attention shim supports neither window_size nor return_lse")
-    Nq, Nk = q.shape[2], k.shape[2]
-    mask = None
-    if causal and Nq > 1:
-        i = torch.arange(Nq, device=q.device)[:, None]
-        j = torch.arange(Nk, device=q.device)[None, :]
-        mask = j <= i + (Nk - Nq)  # (Nq, Nk) bottom-right aligned
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
-    )
-
-
-def flash_attention(q, k, v, *, causal=False, softmax_scale=None):
-    fn = fmkernels.flash_attention if has_flash_attention() else _shim_flash_attention
-    return fn(q, k, v, causal=causal, softmax_scale=softmax_scale)
-
-
-MAX_HEAD_DIM = 256
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+from ..nn.attention import scaled_dot_product_attention, sdpa_fallback_reason
+from ..ops import flash_attention
 
 
 def autocast_qkv(q, k, v):
@@ -57,21 +28,8 @@ def autocast_qkv(q, k, v):
 
 
 def _kernel_reason(q, k, v) -> Optional[str]:
-    """Why the fused kernel cannot take these (B, H, N, D) tensors (None when it can). Shape/dtype checks only:
-    decided at trace time under torch.compile."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "not 4-D"
-    if q.dtype not in _FLOAT or k.dtype != q.dtype or v.dtype != q.dtype:
-        return "dtype"
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        return "shape"
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        return "heads"
-    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
-        return "head_dim"
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        return "empty"
-    return None
+    """Why the fused kernel cannot take these (B, H, N, D) tensors (None when it can); GQA allowed."""
+    return sdpa_fallback_reason(q, k, v, enable_gqa=True)
 
 
 def count(stats: Optional[dict], key: str) -> None:
@@ -87,26 +45,14 @@ def count(stats: Optional[dict], key: str) -> None:
 
 def sdpa_replacement(stats, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):
-    """F.scaled_dot_product_attention semantics; the fused kernel where it can express the call, else SDPA."""
-    why = None
-    if attn_mask is not None:
-        why = "mask"
-    elif dropout_p != 0.0:
-        why = "dropout"
-    else:
+    """F.scaled_dot_product_attention semantics; the fused kernel where it can express the call, else SDPA
+    (fmkernels.nn.scaled_dot_product_attention), counted in the report."""
+    if attn_mask is None and dropout_p == 0.0:
         query, key, value = autocast_qkv(query, key, value)
-        why = _kernel_reason(query, key, value)
-        if why is None and key.shape[1] != query.shape[1] and not enable_gqa:
-            why = "heads"  # SDPA would raise; let it
-        if why is None and is_causal and query.shape[2] != key.shape[2]:
-            why = "causal_alignment"  # SDPA's causal mask is top-left aligned, the kernel's bottom-right
-    if why is None:
-        count(stats, "attention_fused")
-        return flash_attention(query, key, value, causal=bool(is_causal), softmax_scale=scale)
-    count(stats, f"attention_fallback_{why}")
-    kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, **kw)
+    why = sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    count(stats, "attention_fused" if why is None else f"attention_fallback_{why}")
+    return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 class SDPAMode(TorchFunctionMode):
@@ -165,8 +111,19 @@ def _key_padding_varlen(module, query, key, value, mask, dropout, scaling, is_ca
     return torch.cat(outs).transpose(1, 2).contiguous()  # (B, Nq, Hq, D)
 
 
-def make_hf_attention(hf_fallback):
-    """hf_fallback: transformers' sdpa_attention_forward (the reference for calls the kernel cannot express)."""
+_EAGER_ONLY_KWARGS = ("softcap", "s_aux")  # logit softcapping (Gemma 2), attention sinks (GPT-OSS): SDPA has neither
+
+
+def make_hf_attention(hf_fallback, eager_fallback=None):
+    """hf_fallback: transformers' sdpa_attention_forward (the reference for calls the kernel cannot express).
+    eager_fallback: the model's own eager attention (for calls SDPA cannot compute either: softcapping, sinks, or a
+    module marked `_fmkernels_eager` because its model declares `_supports_sdpa = False`)."""
+
+    def fallback(module, *args, **kwargs):
+        if eager_fallback is not None and (getattr(module, "_fmkernels_eager", False)
+                                           or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS)):
+            return eager_fallback(module, *args, **kwargs)
+        return hf_fallback(module, *args, **kwargs)
 
     def fmkernels_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                     is_causal=None, **kwargs):
@@ -180,16 +137,17 @@ def make_hf_attention(hf_fallback):
             why = "mask"
         elif dropout != 0.0:
             why = "dropout"
-        elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None \
-                or kwargs.get("s_aux") is not None:
-            why = "unsupported_kwargs"
+        elif any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
+            why = next(k for k in _EAGER_ONLY_KWARGS if kwargs.get(k) is not None)
+        elif kwargs.get("position_bias") is not None:
+            why = "position_bias"
         else:
             query, key, value = autocast_qkv(query, key, value)
             why = _kernel_reason(query, key, value)
         if why is not None:
             count(stats, f"attention_fallback_{why}")
-            return hf_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                               is_causal=is_causal, **kwargs)
+            return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         Nq = query.shape[2]
         causal = bool(causal) and Nq > 1  # decode step (Nq = 1): the query sees every cached key

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-import fmkernels
-
+from .. import nn as fnn
+from ..quantization import quantize_
+from ..sparsity import sparsify_
 from . import _attention
+from ._undo import _State, set_attr, set_child, swap_class, swapped_class  # noqa: F401
 
 KINDS = ("attention", "rms_norm", "rope", "swiglu", "cross_entropy", "linear")
 _STATE_ATTR = "_fmkernels_patch"
-
-# Until fmkernels.flash_attention is part of the build, the attention kind is skipped; tests and development
-# may set this to route through the SDPA-backed shim with the same signature.
-ALLOW_ATTENTION_SHIM = False
 
 
 @dataclass
@@ -65,56 +63,6 @@ class PatchReport:
     __repr__ = __str__
 
 
-class _State:
-    def __init__(self, report: PatchReport):
-        self.report = report
-        self.undo: list[Callable[[], None]] = []
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Undoable primitives
-
-
-_SUBCLASSES: dict = {}
-
-
-def swapped_class(orig: type, tag: str, namespace: dict) -> type:
-    """The cached subclass `orig` + overrides (one per (orig, tag))."""
-    key = (orig, tag)
-    if key not in _SUBCLASSES:
-        ns = dict(namespace)
-        ns.setdefault("__module__", orig.__module__)
-        ns["_fmkernels_orig_class"] = orig
-        _SUBCLASSES[key] = type(orig.__name__, (orig,), ns)
-    return _SUBCLASSES[key]
-
-
-def swap_class(state: _State, module: nn.Module, new_cls: type) -> None:
-    old = module.__class__
-    module.__class__ = new_cls
-    state.undo.append(lambda: setattr(module, "__class__", old))
-
-
-def set_child(state: _State, parent: nn.Module, name: str, new: nn.Module) -> None:
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    state.undo.append(lambda: setattr(parent, name, old))
-
-
-def set_attr(state: _State, obj: Any, name: str, value: Any) -> None:
-    had = name in obj.__dict__
-    old = obj.__dict__.get(name)
-    obj.__dict__[name] = value
-
-    def undo():
-        if had:
-            obj.__dict__[name] = old
-        else:
-            obj.__dict__.pop(name, None)
-
-    state.undo.append(undo)
-
-
 def is_fmkernels_model(model: nn.Module) -> bool:
     """fmkernels' own fused model (fmkernels.models.Transformer); its plain-PyTorch twin is patched as any model."""
     return type(model).__module__ == "fmkernels.models.transformer"
@@ -133,7 +81,7 @@ def _rms_norm_torch(model: nn.Module, state: _State) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.RMSNorm:
-                set_child(state, parent, name, fmkernels.nn.RMSNorm.from_torch(child))
+                set_child(state, parent, name, fnn.RMSNorm.from_torch(child))
                 n += 1
     return n
 
@@ -157,9 +105,9 @@ def _attention_plain(model: nn.Module, state: _State, report: PatchReport) -> in
 def _linear(model: nn.Module, state: _State, cfg) -> int:
     mod = type(cfg).__module__
     if mod.startswith("fmkernels.quantization"):
-        fn = fmkernels.quantize_
+        fn = quantize_
     elif mod.startswith("fmkernels.sparsity"):
-        fn = fmkernels.sparsify_
+        fn = sparsify_
     else:
         raise TypeError(
             f"fmkernels.patch: linear must be a quantization config (e.g. fmkernels.Int8DynamicConfig()) or a "
@@ -195,23 +143,6 @@ def _linear(model: nn.Module, state: _State, cfg) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _availability() -> dict:
-    """kind -> reason it cannot run in this build (None: available)."""
-    ops = fmkernels.ops
-    out = {
-        "attention": None
-        if (_attention.has_flash_attention() or ALLOW_ATTENTION_SHIM)
-        else "fmkernels.flash_attention is not part of this build",
-        "rms_norm": None if hasattr(ops, "rms_norm") else "fmkernels.ops.rms_norm is not part of this build",
-        "rope": None if hasattr(ops, "rope") else "fmkernels.ops.rope is not part of this build",
-        "swiglu": None if hasattr(ops, "swiglu") else "fmkernels.ops.swiglu is not part of this build",
-        "cross_entropy": None
-        if hasattr(ops, "linear_cross_entropy")
-        else "fmkernels.ops.linear_cross_entropy is not part of this build",
-    }
-    return out
-
-
 def patch(
     model: nn.Module,
     *,
@@ -225,7 +156,10 @@ def patch(
     """Swap fmkernels ops into `model` in place and return a `PatchReport` (`report.model` is the model).
 
     Works on built instances of Hugging Face transformers 5.x models (Llama, Mistral, Qwen2/3: attention,
-    RMSNorm, RoPE, SwiGLU MLP, fused linear + cross-entropy; BERT, GPT-2: attention), on plain PyTorch models
+    RMSNorm, RoPE, SwiGLU MLP, fused linear + cross-entropy; attention in every model on transformers'
+    AttentionInterface, e.g. BERT, GPT-2, Gemma 1-3, Phi-3, OLMo 2, GPT-OSS: calls the kernel cannot express fall
+    back to SDPA, or to the model's own eager code where SDPA cannot compute them either (Gemma 2's logit
+    softcapping, GPT-OSS's sinks; tests/test_integration_families.py)), on plain PyTorch models
     (torch.nn.RMSNorm modules; F.scaled_dot_product_attention calls) and on PEFT-wrapped models. Each kind
     switches on when its fmkernels op is part of the build; otherwise the report says why it was skipped.
     linear: a quantization config (applied with fmkernels.quantize_) or a sparsity config (fmkernels.sparsify_).
@@ -239,7 +173,6 @@ def patch(
     state = _State(report)
     wanted = {"attention": attention, "rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
               "cross_entropy": cross_entropy}
-    avail = _availability()
     hf = None
     if _hf_loaded():
         from . import hf as _hf
@@ -252,9 +185,6 @@ def patch(
         for kind, on in wanted.items():
             if not on:
                 report.skipped[kind] = "disabled by the caller"
-                continue
-            if avail[kind] is not None:
-                report.skipped[kind] = avail[kind]
                 continue
             if is_fmkernels_model(model):
                 report.skipped[kind] = "fmkernels model: already runs on fmkernels ops"

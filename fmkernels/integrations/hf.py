@@ -13,20 +13,21 @@ cross_entropy Llama-family *ForCausalLM in training with labels: fused linear + 
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fmkernels
 import transformers
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .. import ops
 from . import _attention as attn
-from ._patch import set_attr, swap_class, swapped_class
+from ._undo import set_attr, swap_class, swapped_class
 
 NAME = "fmkernels"
 # Model families whose RMSNorm / rotary / MLP / CausalLM code is the Llama code (checked by class name and module).
@@ -39,9 +40,30 @@ def register() -> None:
     """Register the "fmkernels" attention and mask functions with transformers (idempotent)."""
     global _registered
     if not _registered:
-        AttentionInterface.register(NAME, attn.make_hf_attention(sdpa_attention_forward))
+        AttentionInterface.register(NAME, attn.make_hf_attention(sdpa_attention_forward, eager_attention))
         AttentionMaskInterface.register(NAME, sdpa_mask)
         _registered = True
+
+
+def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The attention module's own `eager_attention_forward` (from its modeling file: Gemma 2's applies softcapping,
+    GPT-OSS's its sinks), fed what the "fmkernels" mask function (sdpa_mask) built: a bool mask (True = attend)
+    becomes the additive mask eager code expects, and no mask with a causal module becomes SDPA's is_causal mask
+    (top-left aligned: Nq > 1 and Nk > Nq only happens on prefill into an empty static cache)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    Nq, Nk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None and causal and Nq > 1:
+        i = torch.arange(Nq, device=query.device)[:, None]
+        mask = (i >= torch.arange(Nk, device=query.device)[None, :])[None, None]  # (1, 1, Nq, Nk)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def hf_models(model: nn.Module) -> list:
@@ -94,6 +116,8 @@ def _attention(model, state, report):
             cfg = getattr(m, "config", None)
             if hasattr(m, "is_causal") and cfg is not None and getattr(cfg, "_attn_implementation", None) == NAME:
                 set_attr(state, m, "_fmkernels_stats", report.calls)
+                if not getattr(type(pm), "_supports_sdpa", True):  # e.g. Gemma 2: fall back to its eager code
+                    set_attr(state, m, "_fmkernels_eager", True)
                 n += 1
     if refused:
         report.notes.append(f"attention: {', '.join(refused)} refused set_attn_implementation (not on the "
@@ -105,7 +129,7 @@ def _attention(model, state, report):
 
 
 def _rms_forward(self, hidden_states):
-    return fmkernels.ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _rms_norm(model, state, report):
@@ -130,7 +154,7 @@ def _make_rope(orig):
         if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[0] != 1 or cos.shape[-1] != D or D % 2 \
                 or q.dim() != 4 or k.dim() != 4 or k.dtype != q.dtype or cos.shape[1] != q.shape[2]:
             return orig(q, k, cos, sin, unsqueeze_dim)
-        qr, kr = fmkernels.ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos[0, :, : D // 2], sin[0, :, : D // 2])
+        qr, kr = ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos[0, :, : D // 2], sin[0, :, : D // 2])
         return qr.transpose(1, 2), kr.transpose(1, 2)  # (B, H, N, D) views
 
     return apply_rotary_pos_emb
@@ -181,7 +205,7 @@ def _rope(model, state, report):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(fmkernels.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _is_silu(act) -> bool:
@@ -231,7 +255,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if shift_labels is None:  # tokens < n predict n (as transformers' ForCausalLMLoss)
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
-    loss = fmkernels.ops.linear_cross_entropy(
+    loss = ops.linear_cross_entropy(
         h, self.lm_head.weight, shift_labels.to(h.device).contiguous(), self.lm_head.bias,
         ignore_index=ignore_index, reduction=reduction,
     )

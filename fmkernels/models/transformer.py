@@ -3,7 +3,7 @@ are applied from outside, see fmkernels.train.parallel).
 
 token embedding -> L x [x + Attn(RMSNorm(x)); x + SwiGLU-MLP(RMSNorm(x))] -> RMSNorm -> head (tied or not)
 Attention: fused qkv projection, RoPE on q and k in one kernel (fmkernels.rope), GQA, causal attention
-through `fmkernels.flash_attention` when it exists (else F.scaled_dot_product_attention). MLP: one packed
+through `fmkernels.flash_attention` (F.scaled_dot_product_attention for attention dropout or attention='sdpa'). MLP: one packed
 gate/up projection and fmkernels.swiglu. Loss: fmkernels.linear_cross_entropy (no (tokens, vocab) logits).
 """
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fmkernels
-from fmkernels import nn as fnn
-from fmkernels import ops
-from fmkernels.ops.rope import rope_cos_sin
-from fmkernels.reference.attention import attention_mask
+from .. import nn as fnn
+from .. import ops
+from ..ops.rope import rope_cos_sin
+from ..reference.attention import attention_mask
 
 from .config import TransformerConfig
 
@@ -27,10 +26,11 @@ from .config import TransformerConfig
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto", dropout_p: float = 0.0):
     """q: (B, Hq, Nq, D), k, v: (B, Hk, Nk, D) -> (B, Hq, Nq, D), causal aligned bottom-right (Nq < Nk when
     decoding with a KV cache). The one place attention is chosen."""
-    if mode != "sdpa" and dropout_p == 0.0 and hasattr(fmkernels, "flash_attention"):
-        return fmkernels.flash_attention(q, k, v, causal=True)
+    if mode != "sdpa" and dropout_p == 0.0:
+        return ops.flash_attention(q, k, v, causal=True)
     if mode == "flash":
-        raise RuntimeError("model config attention='flash': fmkernels.flash_attention is not available in this build")
+        raise RuntimeError("model config attention='flash': fmkernels.flash_attention has no attention dropout; "
+                           "use attention='auto' (SDPA while dropout > 0) or dropout 0")
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -62,7 +62,7 @@ def segmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans
     B, Hq, N, D = q.shape
     if all(len(r) == 1 for r in spans):
         return causal_attention(q, k, v, mode, dropout_p)
-    varlen = getattr(fmkernels, "flash_attention_varlen", None)
+    varlen = getattr(ops, "flash_attention_varlen", None)
     if varlen is not None and mode != "sdpa" and dropout_p == 0.0:
         lens = [b - a for r in spans for a, b in r]
         cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(q.device)

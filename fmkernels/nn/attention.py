@@ -10,7 +10,35 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["Attention", "scaled_dot_product_attention"]
+__all__ = ["Attention", "scaled_dot_product_attention", "sdpa_fallback_reason"]
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sdpa_fallback_reason(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                         enable_gqa: bool = True) -> Optional[str]:
+    """Why fmkernels.flash_attention cannot compute this F.scaled_dot_product_attention call exactly (None when it
+    can): the one set of eligibility rules, used by the drop-in below and by fmkernels.patch (plain PyTorch and
+    Hugging Face attention). Shape / dtype checks only, so under torch.compile it is decided at trace time."""
+    if attn_mask is not None:
+        return "mask"
+    if dropout_p != 0.0:
+        return "dropout"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "not 4-D"
+    if query.dtype not in _FLOAT or key.dtype != query.dtype or value.dtype != query.dtype:
+        return "dtype"
+    if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]:
+        return "shape"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0 or (key.shape[1] != query.shape[1] and not enable_gqa):
+        return "heads"
+    if not 1 <= query.shape[3] <= ops.attention.MAX_HEAD_DIM:
+        return "head_dim"
+    if query.shape[2] == 0 or key.shape[2] == 0:
+        return "empty"
+    if is_causal and query.shape[2] != key.shape[2]:
+        return "causal_alignment"  # SDPA's causal mask is top-left aligned, FlashAttention's bottom-right
+    return None
 
 
 def scaled_dot_product_attention(
@@ -27,21 +55,11 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Same signature and result as `F.scaled_dot_product_attention` for (B, H, N, D) inputs.
 
-    Runs fmkernels.flash_attention when it can compute exactly the same thing: no attn_mask, no dropout, and
-    for is_causal equal query and key lengths (SDPA's causal mask is top-left aligned, FlashAttention's
-    bottom-right; they agree only when Nq == Nk). Otherwise falls back to PyTorch's SDPA.
+    Runs fmkernels.flash_attention when it can compute exactly the same thing (`sdpa_fallback_reason` is None: no
+    attn_mask, no dropout, float dtypes, and for is_causal equal query and key lengths, since SDPA's causal mask is
+    top-left aligned and FlashAttention's bottom-right). Otherwise falls back to PyTorch's SDPA.
     """
-    if (
-        attn_mask is None
-        and dropout_p == 0.0
-        and query.dim() == 4
-        and key.dim() == 4
-        and (not is_causal or query.shape[-2] == key.shape[-2])
-        and (enable_gqa or query.shape[1] == key.shape[1])
-        and 1 <= query.shape[-1] <= ops.attention.MAX_HEAD_DIM
-        and query.shape[-2] > 0
-        and key.shape[-2] > 0
-    ):
+    if sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) is None:
         return ops.flash_attention(query, key, value, causal=is_causal, softmax_scale=scale, backend=backend)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import attention as ref
@@ -53,23 +53,33 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, window_left, window_right)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fmkernels.flash_attention_bwd(grad_out.to(q.dtype), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
+def _make_backward(bwd):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd(grad_out.to(q.dtype), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("fmkernels::flash_attention_fwd", _backward, setup_context=_setup_context)
+BWD = _autograd.backward("flash_attention", _setup_context, _make_backward)  # one backward, every forward
+BWD.attach("fmkernels::flash_attention_fwd", torch.ops.fmkernels.flash_attention_bwd)
 
 
 def _compiled(q, k, v, scale, left, right):
     return torch.ops.fmkernels.flash_attention_fwd(q, k, v, scale, left, right)
 
 
-def _triton(q, k, v, scale, left, right):
+def triton_module():
+    """fmkernels/triton/flash_attention.py with this op's backward attached (imported on first use: triton is optional)."""
     from ..triton import flash_attention as tri
 
-    return tri.flash_attention_fwd_triton(q, k, v, scale, left, right)
+    BWD.attach(tri.flash_attention_fwd_triton, tri.flash_attention_bwd_triton)
+    return tri
+
+
+def _triton(q, k, v, scale, left, right):
+    return triton_module().flash_attention_fwd_triton(q, k, v, scale, left, right)
 
 
 def _reference(q, k, v, scale, left, right):

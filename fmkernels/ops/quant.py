@@ -121,7 +121,10 @@ def _reg(name, ref_fn, dtypes, cpu=True, cuda=True, check=None):
     op = _dispatch.op(name)
     if cuda:
         op.register(_dispatch.Backend("cuda", _compiled(name), ("cuda",), dtypes, ("cuda_ext",), check))
-    op.register(_dispatch.Backend("triton", _tri(name), ("cuda",), dtypes, ("triton",), check))
+    tri_file = {"int8_mm": "int8_mm", "int8_linear": "int8_mm", "int4_mm": "int4_mm", "fp8_mm": "fp8_mm",
+                "quantize_per_row": "int8_mm"}[name]
+    op.register(_dispatch.Backend("triton", _tri(name), ("cuda",), dtypes, ("triton",), check,
+                                  files=("fmkernels/ops/quant.py", f"fmkernels/triton/{tri_file}.py")))
     if cpu:
         op.register(_dispatch.Backend("cpu", _compiled(name), ("cpu",), dtypes, ("cpu_ext",), check))
     op.register(_dispatch.Backend("reference", ref_fn, ("cpu", "cuda"), dtypes))

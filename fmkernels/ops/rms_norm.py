@@ -6,7 +6,8 @@ Schemas (defined once, here):
       -> (Tensor grad_x, Tensor grad_weight)
   x: (..., H) fp32/bf16/fp16; weight: (H,) or None; rstd: (...) fp32; grad_weight is empty when not computed.
 Implemented by csrc/cpu/rms_norm.cpp (CPU key) and csrc/cuda/rms_norm.cu (CUDA key); the Triton kernels
-register their own `fmkernels::rms_norm_*_triton` ops; the reference is plain autograd PyTorch.
+register their own `fmkernels::rms_norm_*_triton` ops; the backward below is attached to both forwards
+(fmkernels/_autograd.py); the reference is plain autograd PyTorch.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import norm as ref
@@ -54,19 +55,24 @@ def _make_backward(bwd):
     return backward
 
 
-torch.library.register_autograd(
-    "fmkernels::rms_norm_fwd", _make_backward(torch.ops.fmkernels.rms_norm_bwd), setup_context=_setup_context
-)
+BWD = _autograd.backward("rms_norm", _setup_context, _make_backward)  # one backward, every backend's forward
+BWD.attach("fmkernels::rms_norm_fwd", torch.ops.fmkernels.rms_norm_bwd)
 
 
 def _compiled(x, weight, eps):
     return torch.ops.fmkernels.rms_norm_fwd(x, weight, eps)[0]
 
 
-def _triton(x, weight, eps):
+def triton_module():
+    """fmkernels/triton/rms_norm.py with this op's backward attached (imported on first use: triton is optional)."""
     from ..triton import rms_norm as tri
 
-    return tri.rms_norm_triton(x, weight, eps)
+    BWD.attach(tri.rms_norm_fwd_triton, tri.rms_norm_bwd_triton)
+    return tri
+
+
+def _triton(x, weight, eps):
+    return triton_module().rms_norm_triton(x, weight, eps)
 
 
 OP = _dispatch.op("rms_norm")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import rope as ref
@@ -45,17 +45,24 @@ def _make_backward(fn):
     return backward
 
 
-torch.library.register_autograd("fmkernels::rope", _make_backward(torch.ops.fmkernels.rope), setup_context=_setup_context)
+BWD = _autograd.backward("rope", _setup_context, _make_backward)  # one backward (the inverse rotation), every forward
+BWD.attach("fmkernels::rope", torch.ops.fmkernels.rope)
 
 
 def _compiled(q, k, cos, sin):
     return torch.ops.fmkernels.rope(q, k, cos, sin, False)
 
 
-def _triton(q, k, cos, sin):
+def triton_module():
+    """fmkernels/triton/rope.py with this op's backward attached (imported on first use: triton is optional)."""
     from ..triton import rope as tri
 
-    return tri.rope_triton(q, k, cos, sin, False)
+    BWD.attach(tri.rope_triton, tri.rope_triton)
+    return tri
+
+
+def _triton(q, k, cos, sin):
+    return triton_module().rope_triton(q, k, cos, sin, False)
 
 
 def _check(q: _dispatch.Query) -> Optional[str]:
@@ -120,9 +127,7 @@ def _rotation(name: str):
     if name == "reference":
         return ref.rope
     if name == "triton":
-        from ..triton import rope as tri
-
-        return tri.rope_triton
+        return triton_module().rope_triton
     return torch.ops.fmkernels.rope
 
 

@@ -10,13 +10,14 @@ Schemas (defined once, here):
       int8 x (M, K), int8 values (N, K/2): exact int32 (M, N).
   fmkernels::bsr_mm(Tensor x, Tensor blocks, Tensor row_ptr, Tensor col_idx, Tensor? bias) -> Tensor
       x (M, K); blocks (nnzb, b, b); row_ptr int32 (N/b + 1); col_idx int32 (nnzb,); y (M, N).
-Backward (fixed pattern): sparse24: grad_x = grad_y @ W (dense product with the decompressed W), grad_values
-from sparse24_sddmm (kept positions only). bsr: grad_x = bsr_mm(grad_y, W^T in BSR) (the sparse transpose),
+Backward (fixed pattern; one backward attached to every backend's forward): sparse24: grad_x = grad_y @ W (dense
+product with the decompressed W), grad_values from the dispatched `sparse24_values_grad` (schema sparse24_sddmm;
+reference, cpu and triton backends; kept positions only). bsr: grad_x = bsr_mm(grad_y, W^T in BSR) (the sparse transpose),
 grad_blocks per kept block only.
 
 Shape-aware dispatch: `sparse24_plan` / `bsr_plan` say whether the sparse kernel or the dense matmul is the
 faster path for a given (M, N, K, dtype, device), from the per-shape cost table measured by
-benchmarks/bench_sparse.py on this machine kind (`_CPU_TABLE`); fmkernels.nn.SparseLinear follows the plan.
+benchmarks/bench_sparse.py on this machine kind (`_CPU_24`, `_CPU_BSR`); fmkernels.nn.SparseLinear follows the plan.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import sparse as ref
@@ -56,7 +57,11 @@ def _bsr_fake(x, blocks, row_ptr, col_idx, bias):
     return x.new_empty((x.shape[0], (row_ptr.shape[0] - 1) * blocks.shape[1]))
 
 
-# ---------------------------------------------------------------- autograd (fixed sparsity pattern)
+# ---------------------------------------------------------------- autograd (fixed sparsity pattern), once per op
+# The same backward is attached to every backend's forward (fmkernels/_autograd.py); make_backward receives the
+# backend's forward kernel where the backward reuses it (bsr: grad_x is a BSR product with W^T).
+
+bsr_transpose, bsr_block_grad = ref.bsr_transpose, ref.bsr_block_grad  # pure-PyTorch format helpers
 
 
 def _s24_setup(ctx, inputs, output):
@@ -65,48 +70,20 @@ def _s24_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _s24_backward(ctx, grad_y):
-    x, values, meta = ctx.saved_tensors
-    gx = gv = gb = None
-    grad_y = grad_y.contiguous()
-    if ctx.needs_input_grad[0]:
-        gx = grad_y @ ref.decompress_24(values, meta).to(grad_y.dtype)  # (M, K)
-    if ctx.needs_input_grad[1]:
-        gv = torch.ops.fmkernels.sparse24_sddmm(grad_y, x, meta).to(values.dtype)  # (N, K/2)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad_y.float().sum(0)
-    return gx, gv, None, gb
+def _s24_make_backward():
+    def backward(ctx, grad_y):
+        x, values, meta = ctx.saved_tensors
+        gx = gv = gb = None
+        grad_y = grad_y.contiguous()
+        if ctx.needs_input_grad[0]:
+            gx = grad_y @ ref.decompress_24(values, meta).to(grad_y.dtype)  # (M, K)
+        if ctx.needs_input_grad[1]:  # kept positions only, on the backend of grad_y's device
+            gv = sparse24_values_grad(grad_y, x, meta).to(values.dtype)  # (N, K/2)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = grad_y.float().sum(0)
+        return gx, gv, None, gb
 
-
-torch.library.register_autograd("fmkernels::sparse24_mm", _s24_backward, setup_context=_s24_setup)
-
-
-def bsr_transpose(blocks, row_ptr, col_idx, K: int):
-    """W^T in BSR: (blocks^T, row_ptr^T, col_idx^T) for the (K, N) matrix."""
-    b = blocks.shape[1]
-    rows = ref.bsr_columns(row_ptr)  # block row of each block
-    cols = col_idx.to(torch.int64)
-    order = torch.argsort(cols * (row_ptr.numel()) + rows, stable=True)
-    t_blocks = blocks[order].transpose(1, 2).contiguous()
-    counts = torch.bincount(cols, minlength=K // b)
-    t_row_ptr = torch.zeros(K // b + 1, dtype=torch.int32, device=blocks.device)
-    t_row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return t_blocks, t_row_ptr, rows[order].to(torch.int32)
-
-
-def bsr_block_grad(grad_y, x, row_ptr, col_idx, b: int) -> torch.Tensor:
-    """(nnzb, b, b) fp32: grad of each kept block, grad_y[:, r-block]^T @ x[:, c-block]; nothing else computed."""
-    M = x.shape[0]
-    gy = grad_y.float().reshape(M, -1, b)  # (M, N/b, b)
-    xb = x.float().reshape(M, -1, b)  # (M, K/b, b)
-    rows = ref.bsr_columns(row_ptr)
-    out = torch.empty(col_idx.numel(), b, b, dtype=torch.float32, device=x.device)
-    chunk = max(1, (1 << 22) // max(1, M * b))  # blocks per batched matmul, bounds the gathered copies
-    for s in range(0, col_idx.numel(), chunk):
-        r = rows[s : s + chunk]
-        c = col_idx[s : s + chunk].to(torch.int64)
-        out[s : s + chunk] = torch.bmm(gy[:, r].permute(1, 2, 0), xb[:, c].permute(1, 0, 2))
-    return out
+    return backward
 
 
 def _bsr_setup(ctx, inputs, output):
@@ -115,21 +92,27 @@ def _bsr_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _bsr_backward(ctx, grad_y):
-    x, blocks, row_ptr, col_idx = ctx.saved_tensors
-    gx = gblk = gb = None
-    grad_y = grad_y.contiguous()
-    if ctx.needs_input_grad[0]:
-        tb, trp, tci = bsr_transpose(blocks.to(grad_y.dtype), row_ptr, col_idx, x.shape[1])
-        gx = torch.ops.fmkernels.bsr_mm(grad_y, tb, trp, tci, None)
-    if ctx.needs_input_grad[1]:
-        gblk = bsr_block_grad(grad_y, x, row_ptr, col_idx, blocks.shape[1]).to(blocks.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        gb = grad_y.float().sum(0)
-    return gx, gblk, None, None, gb
+def _bsr_make_backward(forward):
+    def backward(ctx, grad_y):
+        x, blocks, row_ptr, col_idx = ctx.saved_tensors
+        gx = gblk = gb = None
+        grad_y = grad_y.contiguous()
+        if ctx.needs_input_grad[0]:
+            tb, trp, tci = ref.bsr_transpose(blocks.to(grad_y.dtype), row_ptr, col_idx, x.shape[1])
+            gx = forward(grad_y, tb, trp, tci, None)
+        if ctx.needs_input_grad[1]:
+            gblk = ref.bsr_block_grad(grad_y, x, row_ptr, col_idx, blocks.shape[1]).to(blocks.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = grad_y.float().sum(0)
+        return gx, gblk, None, None, gb
+
+    return backward
 
 
-torch.library.register_autograd("fmkernels::bsr_mm", _bsr_backward, setup_context=_bsr_setup)
+S24_BWD = _autograd.backward("sparse24_mm", _s24_setup, _s24_make_backward)
+S24_BWD.attach("fmkernels::sparse24_mm")
+BSR_BWD = _autograd.backward("bsr_mm", _bsr_setup, _bsr_make_backward)
+BSR_BWD.attach("fmkernels::bsr_mm", torch.ops.fmkernels.bsr_mm)
 
 
 # ---------------------------------------------------------------- backends
@@ -142,7 +125,7 @@ def _s24_compiled(x, values, meta, bias):
 def _s24_triton(x, values, meta, bias):
     from ..triton import sparse24_mm as tri
 
-    return tri.sparse24_mm_triton(x, values, meta, bias)
+    return S24_BWD.attach(tri.sparse24_mm_triton)(x, values, meta, bias)
 
 
 def _s24i8_compiled(x, values, meta):
@@ -155,6 +138,16 @@ def _s24i8_triton(x, values, meta):
     return tri.sparse24_int8_mm_triton(x, values, meta)
 
 
+def _sddmm_compiled(grad_y, x, meta):
+    return torch.ops.fmkernels.sparse24_sddmm(grad_y, x, meta)
+
+
+def _sddmm_triton(grad_y, x, meta):
+    from ..triton import sparse24_mm as tri
+
+    return tri.sparse24_sddmm_triton(grad_y, x, meta)
+
+
 def _bsr_compiled(x, blocks, row_ptr, col_idx, bias):
     return torch.ops.fmkernels.bsr_mm(x, blocks, row_ptr, col_idx, bias)
 
@@ -162,7 +155,7 @@ def _bsr_compiled(x, blocks, row_ptr, col_idx, bias):
 def _bsr_triton(x, blocks, row_ptr, col_idx, bias):
     from ..triton import bsr_mm as tri
 
-    return tri.bsr_mm_triton(x, blocks, row_ptr, col_idx, bias)
+    return BSR_BWD.attach(tri.bsr_mm_triton, tri.bsr_mm_triton)(x, blocks, row_ptr, col_idx, bias)
 
 
 def _needs_sm80(q: _dispatch.Query) -> Optional[str]:
@@ -182,6 +175,12 @@ S24.register(_dispatch.Backend("triton", _s24_triton, devices=("cuda",), dtypes=
 S24.register(_dispatch.Backend("cpu", _s24_compiled, devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
 S24.register(_dispatch.Backend("reference", ref.sparse24_mm, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
 
+# The values gradient of the 2:4 backward: one dispatched op, so a forward on CUDA finds a backward there.
+SDDMM = _dispatch.op("sparse24_values_grad")
+SDDMM.register(_dispatch.Backend("triton", _sddmm_triton, devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",)))
+SDDMM.register(_dispatch.Backend("cpu", _sddmm_compiled, devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
+SDDMM.register(_dispatch.Backend("reference", ref.sparse24_sddmm, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
+
 S24I8 = _dispatch.op("sparse24_int8_mm")
 S24I8.register(_dispatch.Backend("triton", _s24i8_triton, devices=("cuda",), dtypes=(torch.int8,), needs=("triton",)))
 S24I8.register(_dispatch.Backend("cpu", _s24i8_compiled, devices=("cpu",), dtypes=(torch.int8,), needs=("cpu_ext",)))
@@ -200,6 +199,7 @@ __all__ = [
     "is_24_sparse",
     "sparse24_mm",
     "sparse24_int8_mm",
+    "sparse24_values_grad",
     "compress_bsr",
     "decompress_bsr",
     "bsr_mm",
@@ -375,6 +375,29 @@ def sparse24_int8_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     impl = S24I8.select(q, backend)
     y = impl.fn(x2.contiguous(), values.contiguous(), meta.contiguous())
     return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+def sparse24_values_grad(grad_y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, *,
+                         backend: Optional[str] = None) -> torch.Tensor:
+    """Gradient of the kept values of a 2:4 W: (N, K/2) fp32 from grad_y (M, N) and x (M, K); nothing is computed
+    for the pruned positions. The backward of `sparse24_mm` on every backend."""
+    op = "fmkernels.sparse24_values_grad"
+    check_tensor("grad_y", grad_y, dtypes=FLOAT_DTYPES, ndim=2, op=op)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, op=op)
+    check_tensor("meta", meta, dtypes=(torch.int32,), ndim=2, op=op)
+    M, K = x.shape
+    N = grad_y.shape[1]
+    if grad_y.shape[0] != M:
+        raise ValueError(f"{op}: grad_y (M, N) and x (M, K) must share M, got {tuple(grad_y.shape)} and {tuple(x.shape)}")
+    if K % 4:
+        raise ValueError(f"{op}: x.shape[1] (K={K}) must be a multiple of 4 for 2:4 sparsity")
+    if tuple(meta.shape) != (N, (K + 31) // 32):
+        raise ValueError(f"{op}: meta must have shape {(N, (K + 31) // 32)}, got {tuple(meta.shape)}")
+    check_same_device(op, grad_y=grad_y, x=x, meta=meta)
+    if grad_y.dtype != x.dtype:
+        grad_y = grad_y.to(x.dtype)
+    q = _dispatch.Query(device=x.device.type, dtype=x.dtype, shape=(M, N, K))
+    return SDDMM.select(q, backend).fn(grad_y.contiguous(), x.contiguous(), meta.contiguous())
 
 
 def bsr_mm(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import swiglu as ref
@@ -36,14 +36,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, gy):
-    a, b = ctx.saved_tensors
-    g = torch.ops.fmkernels.swiglu_bwd(gy, a, b)
-    F_ = a.shape[-1]
-    return g[..., :F_], g[..., F_:]
+def _make_backward(bwd):
+    def backward(ctx, gy):
+        a, b = ctx.saved_tensors
+        g = bwd(gy, a, b)  # (..., 2F): [grad_a, grad_b]
+        F_ = a.shape[-1]
+        return g[..., :F_], g[..., F_:]
+
+    return backward
 
 
-torch.library.register_autograd("fmkernels::swiglu_fwd", _backward, setup_context=_setup_context)
+BWD = _autograd.backward("swiglu", _setup_context, _make_backward)  # one backward, every backend's forward
+BWD.attach("fmkernels::swiglu_fwd", torch.ops.fmkernels.swiglu_bwd)
 
 
 class _PackedSwiGLU(torch.autograd.Function):
@@ -77,9 +81,16 @@ def _compiled(a, b, packed):
     return torch.ops.fmkernels.swiglu_fwd(a, b)
 
 
-def _triton(a, b, packed):
+def triton_module():
+    """fmkernels/triton/swiglu.py with this op's backward attached (imported on first use: triton is optional)."""
     from ..triton import swiglu as tri
 
+    BWD.attach(tri.swiglu_fwd_triton, tri.swiglu_bwd_triton)
+    return tri
+
+
+def _triton(a, b, packed):
+    tri = triton_module()
     if packed is not None:
         return _PackedSwiGLU.apply(packed, tri.swiglu_fwd_triton, tri.swiglu_bwd_triton)
     return tri.swiglu_triton(a, b)

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._dispatch import BACKEND_NAMES
 from ..nn.linear import is_dense_linear
 from ..nn.quantized import Float8Linear, Int4Linear, Int8Linear, Int8TrainingLinear, QATLinear
 from ..reference.quant import INT4_GROUP_SIZES
@@ -90,17 +91,51 @@ class Int8TrainingConfig:
             raise ValueError(f"Int8TrainingConfig: min_features must be a positive int, got {self.min_features!r}")
 
 
-_CONFIGS = (Int8DynamicConfig, Int4WeightOnlyConfig, Float8Config, Int8TrainingConfig)
+@dataclass(frozen=True)
+class Handler:
+    """How a config quantizes one nn.Linear: convert(linear, config) -> module, and unsupported(linear, config) ->
+    why this layer cannot take the format (None when it can)."""
+
+    convert: Callable[[nn.Linear, object], nn.Module]
+    unsupported: Optional[Callable[[nn.Linear, object], Optional[str]]] = None
+
+
+HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_cls: type, convert, unsupported=None) -> None:
+    """Make quantize_ accept `config_cls` (the module a config builds is found here, not by an isinstance chain)."""
+    HANDLERS[config_cls] = Handler(convert, unsupported)
+
+
+def _handler(config) -> Optional[Handler]:
+    for cls in type(config).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return None
+
+
+register_handler(Int8DynamicConfig, lambda lin, c: Int8Linear.from_float(lin, backend=c.backend))
+register_handler(Int4WeightOnlyConfig,
+                 lambda lin, c: Int4Linear.from_float(lin, group_size=c.group_size, symmetric=c.symmetric,
+                                                      act_terms=c.act_terms, backend=c.backend),
+                 lambda lin, c: None if lin.in_features % c.group_size == 0 else
+                 f"in_features={lin.in_features} is not a multiple of group_size={c.group_size}")
+register_handler(Float8Config, lambda lin, c: Float8Linear.from_float(lin, backend=c.backend))
+register_handler(Int8TrainingConfig, lambda lin, c: Int8TrainingLinear.from_float(lin),
+                 lambda lin, c: None if min(lin.in_features, lin.out_features) >= c.min_features else
+                 f"smaller than min_features={c.min_features} ({lin.in_features}->{lin.out_features}): "
+                 f"int8 would not pay")
+_CONFIGS = tuple(HANDLERS)
 
 
 def _check_backend(backend, who):
-    from .._dispatch import BACKEND_NAMES
-
     if backend is not None and backend not in BACKEND_NAMES:
         raise ValueError(f"{who}: backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def _check_config(config, who, allowed=_CONFIGS):
+def _check_config(config, who, allowed=None):
+    allowed = allowed or tuple(HANDLERS)
     if not isinstance(config, allowed):
         names = ", ".join(c.__name__ for c in allowed)
         raise TypeError(f"{who}: config must be one of {names}, got {type(config).__name__}")
@@ -108,27 +143,14 @@ def _check_config(config, who, allowed=_CONFIGS):
 
 def _unsupported_reason(linear: nn.Linear, config) -> Optional[str]:
     """Why this layer cannot take the config's format (None when it can)."""
-    N, K = linear.out_features, linear.in_features
     if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weight dtype {linear.weight.dtype} is not a float type"
-    if isinstance(config, Int4WeightOnlyConfig):
-        if K % config.group_size != 0:
-            return f"in_features={K} is not a multiple of group_size={config.group_size}"
-    if isinstance(config, Int8TrainingConfig):
-        if min(N, K) < config.min_features:
-            return f"smaller than min_features={config.min_features} ({K}->{N}): int8 would not pay"
-    return None
+    h = _handler(config)
+    return h.unsupported(linear, config) if h is not None and h.unsupported is not None else None
 
 
 def _convert_linear(linear: nn.Linear, config) -> nn.Module:
-    if isinstance(config, Int8DynamicConfig):
-        return Int8Linear.from_float(linear, backend=config.backend)
-    if isinstance(config, Int4WeightOnlyConfig):
-        return Int4Linear.from_float(linear, group_size=config.group_size, symmetric=config.symmetric,
-                                     act_terms=config.act_terms, backend=config.backend)
-    if isinstance(config, Float8Config):
-        return Float8Linear.from_float(linear, backend=config.backend)
-    return Int8TrainingLinear.from_float(linear)
+    return _handler(config).convert(linear, config)
 
 
 def _replace(model: nn.Module, make, select) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 
-
 def sparse24_columns(meta: torch.Tensor, K: int) -> torch.Tensor:
     """(N, K/2) int64: the W column of every kept value."""
     N = meta.shape[0]
@@ -61,6 +60,16 @@ def sparse24_int8_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) 
     return (x.to(torch.int64) @ w.t()).to(torch.int32)
 
 
+def sparse24_sddmm(grad_y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Gradient of the kept 2:4 values: (N, K/2) fp32, g[n, j] = sum_m grad_y[m, n] * x[m, col(n, j)].
+    grad_y (M, N), x (M, K). Gathers x's columns per row while the gather stays under 64M elements, else one
+    dense (N, K) product and a gather."""
+    cols = sparse24_columns(meta, x.shape[1])  # (N, K/2)
+    if x.shape[0] * cols.numel() < 2**26:
+        return torch.einsum("mn,mnj->nj", grad_y.float(), x.float()[:, cols])
+    return (grad_y.float().t() @ x.float()).gather(1, cols)
+
+
 def bsr_columns(row_ptr: torch.Tensor) -> torch.Tensor:
     """(nnzb,) block row of every block."""
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
@@ -83,3 +92,31 @@ def bsr_mm(x: torch.Tensor, blocks, row_ptr, col_idx, bias=None) -> torch.Tensor
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def bsr_transpose(blocks, row_ptr, col_idx, K: int):
+    """W^T in BSR: (blocks^T, row_ptr^T, col_idx^T) for the (K, N) matrix."""
+    b = blocks.shape[1]
+    rows = bsr_columns(row_ptr)  # block row of each block
+    cols = col_idx.to(torch.int64)
+    order = torch.argsort(cols * (row_ptr.numel()) + rows, stable=True)
+    t_blocks = blocks[order].transpose(1, 2).contiguous()
+    counts = torch.bincount(cols, minlength=K // b)
+    t_row_ptr = torch.zeros(K // b + 1, dtype=torch.int32, device=blocks.device)
+    t_row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return t_blocks, t_row_ptr, rows[order].to(torch.int32)
+
+
+def bsr_block_grad(grad_y, x, row_ptr, col_idx, b: int) -> torch.Tensor:
+    """(nnzb, b, b) fp32: grad of each kept block, grad_y[:, r-block]^T @ x[:, c-block]; nothing else computed."""
+    M = x.shape[0]
+    gy = grad_y.float().reshape(M, -1, b)  # (M, N/b, b)
+    xb = x.float().reshape(M, -1, b)  # (M, K/b, b)
+    rows = bsr_columns(row_ptr)
+    out = torch.empty(col_idx.numel(), b, b, dtype=torch.float32, device=x.device)
+    chunk = max(1, (1 << 22) // max(1, M * b))  # blocks per batched matmul, bounds the gathered copies
+    for s in range(0, col_idx.numel(), chunk):
+        r = rows[s : s + chunk]
+        c = col_idx[s : s + chunk].to(torch.int64)
+        out[s : s + chunk] = torch.bmm(gy[:, r].permute(1, 2, 0), xb[:, c].permute(1, 0, 2))
+    return out

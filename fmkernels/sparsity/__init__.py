@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..nn.sparse import SparseLinear
 from . import masks, pruning
 from .config import BlockSparseConfig, SemiStructuredConfig, UnstructuredConfig
 from .gradual import GradualPruner
@@ -62,8 +63,6 @@ def sparsify_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     filter_fn(module, fqn) -> bool selects layers (default: every nn.Linear whose shape fits the pattern).
     calibration: iterable of model inputs, required for method="wanda" (the input-channel norms).
     """
-    from ..nn.sparse import SparseLinear
-
     if not isinstance(config, (SemiStructuredConfig, BlockSparseConfig, UnstructuredConfig)):
         raise TypeError(f"sparsify_: config must be SemiStructuredConfig, BlockSparseConfig or UnstructuredConfig, "
                         f"got {type(config).__name__}")

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.tokenizer import load_tokenizer
 
 PREFIX = "step_"
 
@@ -64,8 +67,6 @@ def list_checkpoints(out_dir) -> list[Path]:
 
 def save_checkpoint(out_dir, step: int, model_state: dict, optim_state: dict, state: dict, tokenizer,
                     keep_last: int = 2) -> Path:
-    from safetensors.torch import save_file
-
     root = ckpt_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -123,10 +124,6 @@ def verify_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path) -> dict:
     """Verify and load one checkpoint: {model, optimizer, rng, state, tokenizer, path}."""
-    from safetensors.torch import load_file
-
-    from ..data.tokenizer import load_tokenizer
-
     path = Path(path)
     verify_checkpoint(path)
 

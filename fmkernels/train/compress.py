@@ -24,108 +24,26 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..models import Transformer, TransformerConfig
-from ..nn.linear import is_dense_linear
+from ..data import BatchSampler, prepare_data
 from ..models.config import ConfigError
+from ..nn.linear import is_dense_linear
+from ..quantization import Int4WeightOnlyConfig, Int8DynamicConfig, quantize_
+from ..reference.quant import INT4_GROUP_SIZES
+from ..sparsity import SemiStructuredConfig, sparsify_
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .converters import apply_qat  # noqa: F401
+from .evaluate import evaluate_checkpoint
+from .model_source import (_set, apply_structure, build_model, compressed_modules, densify,  # noqa: F401
+                           is_compressed, load_pretrained)
+from .trainer import train
 
 FORMATS = ("int8", "int4")
 PRUNE_METHODS = ("wanda", "magnitude")
 
 
-# ---------------------------------------------------------------------------------------------------- structure
-def compressed_modules(sd: dict) -> dict:
-    """{module fqn: "2:4" | "int8" | "int4"} for every compressed module whose state is in the state dict."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(".meta") and k[: -len(".meta")] + ".values" in sd:
-            out[k[: -len(".meta")]] = "2:4"
-        elif k.endswith(".weight_packed"):
-            out[k[: -len(".weight_packed")]] = "int8" if v.dtype == torch.int8 else "int4"
-    return out
-
-
-def is_compressed(sd: dict) -> bool:
-    return bool(compressed_modules(sd))
-
-
-def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def apply_structure(model: nn.Module, sd: dict, spec: Optional[dict] = None) -> nn.Module:
-    """Replace the nn.Linear layers that hold compressed state in `sd` by empty compressed modules of that format
-    (load_state_dict then fills them)."""
-    from ..nn.quantized import Int4Linear, Int8Linear
-    from ..nn.sparse import SparseLinear
-
-    spec = spec or {}
-    for fqn, kind in compressed_modules(sd).items():
-        try:
-            lin = model.get_submodule(fqn)
-        except AttributeError:
-            raise ConfigError(f"checkpoint: compressed module {fqn!r} does not exist in the model") from None
-        if not isinstance(lin, nn.Linear):
-            raise ConfigError(f"checkpoint: compressed module {fqn!r} is a {type(lin).__name__}, not an nn.Linear")
-        bias = f"{fqn}.bias" in sd
-        K, N = lin.in_features, lin.out_features
-        if kind == "2:4":
-            new = SparseLinear(K, N, bias, format="2:4")
-        elif kind == "int8":
-            new = Int8Linear(K, N, bias)
-        else:
-            G = sd[f"{fqn}.weight_scale"].shape[0]
-            new = Int4Linear(K, N, bias, group_size=K // G, symmetric=bool(spec.get("symmetric", False)),
-                             act_terms=int(spec.get("act_terms", 2)))
-        _set(model, fqn, new)
-    return model
-
-
-def build_model(mcfg: TransformerConfig, sd: dict, spec: Optional[dict] = None) -> Transformer:
-    """A Transformer with the structure (dense or compressed) of `sd`, loaded from it, in eval mode."""
-    model = apply_structure(Transformer(mcfg), sd, spec)
-    model.load_state_dict(sd)
-    return model.eval()
-
-
-@torch.no_grad()
-def densify(model: nn.Module) -> nn.Module:
-    """Every SparseLinear / Int8Linear / Int4Linear -> nn.Linear holding its (dequantized) dense weight."""
-    from ..nn.quantized import Int4Linear, Int8Linear
-    from ..nn.sparse import SparseLinear
-
-    for fqn, m in list(model.named_modules()):
-        if isinstance(m, SparseLinear):
-            _set(model, fqn, m.to_dense())
-        elif isinstance(m, (Int8Linear, Int4Linear)):
-            w = m.dequantized_weight()[: m.out_features, : m.in_features].float()
-            lin = nn.Linear(m.in_features, m.out_features, m.bias is not None)
-            lin.weight.copy_(w)
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-            _set(model, fqn, lin)
-    return model
-
-
-def apply_qat(model: nn.Module, kind: str, group_size: int = 128) -> int:
-    """prepare_qat_ on every nn.Linear the format takes (the trainer's `qat` switch); returns how many."""
-    from ..nn.quantized import QATLinear
-    from ..quantization import Int4WeightOnlyConfig, Int8DynamicConfig, prepare_qat_
-
-    cfg = Int8DynamicConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=group_size)
-    prepare_qat_(model, cfg)
-    n = sum(isinstance(m, QATLinear) for m in model.modules())
-    if n == 0:
-        raise ConfigError(f"config: qat={kind!r} found no linear layer it can quantize (group_size {group_size})")
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 def _load_source(path) -> dict:
-    from .finetune import load_pretrained
-
     pre = load_pretrained(path)
     ck = pre["checkpoint"]
     if is_compressed(ck["model"]):
@@ -135,8 +53,6 @@ def _load_source(path) -> dict:
 
 
 def _data_for(pre: dict, log):
-    from ..data import prepare_data
-
     cfg = pre["checkpoint"]["state"]["config"]
     tok = pre["checkpoint"]["tokenizer"]
     return prepare_data(cfg["corpus"], tok.kind, tok.vocab_size, cfg["val_fraction"], cfg.get("stdlib_tests", False),
@@ -145,8 +61,6 @@ def _data_for(pre: dict, log):
 
 def calibration_batches(data, seq_len: int, n_batches: int, batch_size: int, seed: int = 0) -> list:
     """n_batches (batch_size, seq_len) token batches from the training split (step-keyed, as in training)."""
-    from ..data import BatchSampler
-
     s = BatchSampler(data.train, seq_len, batch_size, seed=seed + 0xCA1)
     return [s.batch(i)[0] for i in range(n_batches)]
 
@@ -178,9 +92,6 @@ def _check_common(calib_batches: int, recover_steps: int, eval_tokens: Optional[
 
 def _recover(src_ckpt: Path, out: Path, pre: dict, recover_steps: int, overrides: dict, log) -> dict:
     """Fine-tune from src_ckpt into `out` with the one training loop; returns the run's summary."""
-    from .config import TrainConfig
-    from .trainer import train
-
     cfg0 = pre["checkpoint"]["state"]["config"]
     fields = dict(init_from=str(src_ckpt), corpus=cfg0["corpus"], stdlib_tests=cfg0.get("stdlib_tests", False),
                   text_field=cfg0.get("text_field", "text"), val_fraction=cfg0["val_fraction"],
@@ -193,8 +104,6 @@ def _recover(src_ckpt: Path, out: Path, pre: dict, recover_steps: int, overrides
 
 
 def _eval(path, eval_tokens, batch_size) -> dict:
-    from .evaluate import evaluate_checkpoint
-
     return evaluate_checkpoint(path, max_tokens=eval_tokens, batch_size=batch_size)
 
 
@@ -214,8 +123,6 @@ def prune_checkpoint(path, out_dir, method: str = "wanda", calib_batches: int = 
                      **train_overrides) -> list[dict]:
     """2:4-prune a dense checkpoint into out_dir (one-shot; recovered when recover_steps > 0); returns the table
     rows (dense, 2:4 one-shot[, 2:4 after recovery])."""
-    import fmkernels as fk
-
     if method not in PRUNE_METHODS:
         raise ConfigError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
     _check_common(calib_batches, recover_steps, eval_tokens)
@@ -229,7 +136,7 @@ def prune_checkpoint(path, out_dir, method: str = "wanda", calib_batches: int = 
         data = _data_for(pre, log)
         calib = calibration_batches(data, seq_len, calib_batches, 8)
     t0 = time.perf_counter()
-    fk.sparsify_(model, fk.SemiStructuredConfig(method=method), calibration=calib)
+    sparsify_(model, SemiStructuredConfig(method=method), calibration=calib)
     spec = dict(kind="2:4", method=method, calib_batches=calib_batches if calib else 0, source=str(pre["path"]))
     n = len(compressed_modules(model.state_dict()))
     log(f"fmk prune: 2:4 {method} on {n} linear layers in {time.perf_counter() - t0:.1f} s")
@@ -263,25 +170,22 @@ def quantize_checkpoint(path, out_dir, format: str = "int8", group_size: int = 1
                         **train_overrides) -> list[dict]:
     """int8 (W8A8) or int4 weight-only (group_size) quantization of a dense checkpoint into out_dir; with
     recover_steps > 0, QAT fine-tuning first (from the dense weights), then conversion. Returns the table rows."""
-    import fmkernels as fk
-
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
-    from ..reference.quant import INT4_GROUP_SIZES
 
     if format == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ConfigError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     _check_common(1, recover_steps, eval_tokens)
     out = _check_out(out_dir)
     pre = _load_source(path)
-    qcfg = fk.Int8DynamicConfig() if format == "int8" else fk.Int4WeightOnlyConfig(group_size=group_size)
+    qcfg = Int8DynamicConfig() if format == "int8" else Int4WeightOnlyConfig(group_size=group_size)
     name = "int8 (W8A8)" if format == "int8" else f"int4 g{group_size}"
     spec = dict(kind=format, group_size=group_size if format == "int4" else None, symmetric=False, act_terms=2,
                 source=str(pre["path"]))
 
     def convert(sd) -> nn.Module:
         m = build_model(pre["model_config"], sd)
-        fk.quantize_(m, qcfg)
+        quantize_(m, qcfg)
         n = len(compressed_modules(m.state_dict()))
         n_lin = n + sum(is_dense_linear(x) for x in m.modules())
         log(f"fmk quantize: {name} on {n} of {n_lin} linear layers (the others do not fit the format)")

@@ -1,123 +1,417 @@
-"""TrainConfig: every knob of a run, flat (so any field is a command-line override: --field value), built
-from a preset, then a YAML file, then command-line overrides, and validated at start with errors that name
-the field."""
+"""TrainConfig: every knob of a run, built from a preset, then a YAML file, then command-line overrides, and
+validated at start with errors that name the field.
+
+It is a composition of per-component sections (model, data, optimization, runtime, model transforms,
+fine-tuning, LoRA, augmentation, data selection, tasks, run/evaluation, sampling); each section declares its
+fields with their help text and choices (the CLI's --help is generated from them) and validates itself.
+Access stays flat (`cfg.lr`, `TrainConfig(lora_rank=8)`, `--lora_rank 8` / `--lora-rank 8`, `cfg.to_dict()` in
+state.json); `cfg.sections()` is the nested view, and a YAML file may be flat or nested by section
+(`lora: {rank: 8}` is `lora_rank: 8`).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import yaml
+
+from .. import _ext
 from ..models.config import PRESETS, ConfigError, TransformerConfig
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_base", "norm_eps", "tie_embeddings",
                 "dropout", "init_std", "attention")
+TASKS = ("lm", "pkg")
+SAMPLING = ("all", "proportional", "temperature")
+WEIGHTING = ("fixed", "uncertainty")
+
+
+def opt(default, help: str, choices: Optional[tuple] = None, default_text: Optional[str] = None):
+    """A config field: its default, one line of help, the accepted values when they are a fixed set."""
+    md = {"help": help, "choices": choices, "default_text": default_text}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _bad(cfg, name, why):
+    raise ConfigError(f"config: {name} {why}, got {getattr(cfg, name)!r}")
+
+
+def _positive_ints(cfg, *names):
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            _bad(cfg, name, "must be a positive integer")
+
+
+def _choice(cfg, name, choices):
+    if getattr(cfg, name) not in choices:
+        _bad(cfg, name, "must be one of " + ", ".join(repr(c) for c in choices))
+
+
+def _existing_path(cfg, name, what="a checkpoint directory or a run directory"):
+    v = getattr(cfg, name)
+    if v is not None and not os.path.exists(v):
+        _bad(cfg, name, f"does not exist ({what})")
+
+
+def parse_tasks(spec: str) -> list[str]:
+    names = [t.strip() for t in str(spec).split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"config: tasks must name at least one of {', '.join(TASKS)}, got {spec!r}")
+    bad = [t for t in names if t not in TASKS]
+    if bad:
+        raise ConfigError(f"config: tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}, got {spec!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config: tasks names a task twice, got {spec!r}")
+    return names
+
+
+def parse_weights(spec: str, tasks: list[str]) -> dict:
+    """'lm=1,pkg=0.5' -> {lm: 1.0, pkg: 0.5}; tasks not named get 1."""
+    w = {t: 1.0 for t in tasks}
+    for part in [p.strip() for p in str(spec or "").split(",") if p.strip()]:
+        name, eq, val = part.partition("=")
+        name = name.strip()
+        if not eq or name not in tasks:
+            raise ConfigError(f"config: task_weights must be 'task=weight,...' over the tasks {', '.join(tasks)}, "
+                              f"got {spec!r}")
+        try:
+            v = float(val)
+        except ValueError:
+            raise ConfigError(f"config: task_weights: weight of {name} must be a number, got {val!r}") from None
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"config: task_weights: weight of {name} must be finite and >= 0, got {v!r}")
+        w[name] = v
+    if not any(w.values()):
+        raise ConfigError(f"config: task_weights: every weight is 0, got {spec!r}")
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+class Section:
+    """A component's fields. `validate` checks them (and the rules that tie them to other sections' fields);
+    `prefix` is dropped from field names in a nested YAML mapping."""
+
+    title = ""
+    prefix = ""
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
-class TrainConfig:
-    # ---- model (a preset fills these; any can be overridden)
-    preset: str = "small"
-    dim: Optional[int] = None
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
-    attention: str = "auto"
-    model_impl: str = "fmkernels"  # "fmkernels" (fused kernels) | "plain" (the plain-PyTorch twin)
-    # ---- data
-    corpus: str = "stdlib"  # "stdlib" (embedded) | a directory | a .txt file | a .jsonl file
-    stdlib_tests: bool = False  # include the stdlib's test folders (see fmkernels/data/corpus.py)
-    text_field: str = "text"  # JSON Lines field holding the text
-    tokenizer: str = "bpe"  # "byte" | "bpe"
-    vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
-    val_fraction: float = 0.05
-    # ---- optimization
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1_000_000
-    # Stop after this much training time; the lr schedule then follows time. Applies only when max_steps is not
-    # given (an explicit max_steps means a step-based, reproducible run unless max_time_s is also given).
-    max_time_s: Optional[float] = 300.0
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"  # "auto" (bf16 autocast where bf16 matmuls are fast: AVX-512 BF16 / AMX CPUs, GPUs) | "bf16" | "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    int8_training: bool = False  # fmkernels.quantize_(model, Int8TrainingConfig()) when available
-    sparsity: Optional[str] = None  # e.g. "2:4": fmkernels.sparsify_(model, SemiStructuredConfig()) when available
-    threads: Optional[int] = None
-    tune_allocator: bool = True  # CPU: fmkernels.tune_cpu_allocator() (no page faults on reused activations)
-    # ---- fine-tuning (fmk finetune --from CHECKPOINT sets init_from; see fmkernels/train/finetune.py)
-    init_from: Optional[str] = None  # a checkpoint (or run directory): its weights, architecture and tokenizer
-    freeze_embeddings: bool = False  # freeze tok_emb (and so the tied head)
-    freeze_blocks: int = 0  # freeze the first k transformer blocks
-    layer_lr_decay: float = 1.0  # block i of L gets lr * decay ** (L - i); the embedding decay ** (L + 1)
-    lora_rank: int = 0  # > 0: LoRA adapters on lora_targets, every other weight frozen
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "wqkv,wo,w13,w2"  # comma-separated module names (last name component or full path)
-    lora_base: str = "dense"  # "dense" | "int8" | "int4": quantize the frozen base before adding adapters (QLoRA)
-    lora_group_size: Optional[int] = None  # int4 QLoRA base group size (32/64/128/256); None: per layer the largest
-    # of 128, 64, 32 dividing in_features
-    # ---- pretrained Hugging Face / GGUF decoders (fmk finetune --hf; fmkernels/train/hf_source.py)
-    hf: Optional[str] = None  # a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3)
-    data: Optional[str] = None  # .txt | .jsonl (text, prompt/completion or messages); None: the corpus as text
-    train_on: str = "completion"  # "completion" (loss on completion / assistant tokens) | "all"
-    strict: bool = False  # error (instead of truncating with a warning) on sequences longer than seq_len / positions
-    # ---- data augmentation of training batches (validation untouched; fmkernels/data/augment.py)
-    aug_crop: float = 0.0  # probability per row of a random crop offset (drop the first k in [1, T/2] tokens)
-    aug_token_dropout: float = 0.0  # probability per input token of replacing it by another token of its row
-    aug_span_mask: float = 0.0  # probability per row of overwriting one span of aug_span_len input tokens
-    aug_span_len: int = 8
-    aug_rename: float = 0.0  # probability per training .py document of consistent local-name renaming (at tokenization)
-    # ---- data selection (fmkernels/train/selection.py)
-    select_mode: str = "none"  # "none" | "online" (score candidates, train on the top) | "offline" (score once, keep top)
-    select_ratio: float = 0.5  # online: batch_size of ceil(batch_size / ratio) candidates; offline: fraction kept
-    select_reference: Optional[str] = None  # checkpoint: score = loss - its loss (RHO-loss); None: score = loss
-    select_scorer: Optional[str] = None  # offline: the checkpoint that scores the corpus (required there)
-    # ---- quantization-aware training (fmk quantize --recover_steps; fmkernels.prepare_qat_)
-    qat: Optional[str] = None  # "int8" | "int4": fake-quantize the block linears while training
-    qat_group_size: int = 128  # int4 group size along in_features
-    # ---- task heads and multitask learning (fmkernels/train/multitask.py)
-    tasks: str = "lm"  # "lm" | "pkg" (package classification) | "lm,pkg" (multitask: one trunk, both heads)
-    task_weights: str = ""  # fixed loss weights "lm=1,pkg=0.5" (unnamed tasks: 1)
-    task_weighting: str = "fixed"  # "fixed" | "uncertainty" (learned exp(-s_i) L_i + s_i, Kendall et al.)
-    task_sampling: str = "all"  # "all" (every task every micro-step) | "proportional" | "temperature"
-    task_temperature: float = 2.0  # task_sampling temperature: p_i ~ n_i ** (1 / T)
-    cls_classes: int = 8  # pkg: the packages with the most training text (held-out files in each)
-    cls_pool: str = "mean"  # pkg: "mean" | "last" pooled hidden state -> classes
-    cls_chunks_per_file: int = 16  # pkg: at most this many seq_len chunks per file
-    # ---- evaluation, logging, checkpoints
-    eval_every: int = 200
-    eval_tokens: Optional[int] = 65536  # cap for periodic evals; the final eval covers the full split
-    final_eval: bool = True
-    log_every: int = 10
-    out_dir: str = "runs/default"
-    save_every: int = 200
-    keep_last: int = 2
-    resume: bool = False
-    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
-    distributed: str = "auto"  # "auto" (ddp under torchrun) | "none" | "ddp" | "fsdp"
-    tensorboard: bool = False
-    progress: bool = True
-    sample_tokens: int = 200
-    sample_prompt: str = "def "
-    temperature: float = 0.8
-    top_k: Optional[int] = 40
+class ModelSection(Section):
+    title, prefix = "model (a preset fills these; any can be overridden)", ""
+    preset: str = opt("small", "model size preset", tuple(PRESETS))
+    dim: Optional[int] = opt(None, "model width", default_text="from the preset")
+    n_layers: Optional[int] = opt(None, "transformer blocks", default_text="from the preset")
+    n_heads: Optional[int] = opt(None, "attention heads", default_text="from the preset")
+    n_kv_heads: Optional[int] = opt(None, "key/value heads (GQA; divides n_heads)", default_text="from the preset")
+    ffn_dim: Optional[int] = opt(None, "MLP hidden width", default_text="from the preset")
+    rope_base: float = opt(10000.0, "RoPE base frequency")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = opt(True, "share the token embedding with the output layer")
+    dropout: float = opt(0.0, "dropout probability")
+    init_std: float = opt(0.02, "weight init standard deviation")
+    attention: str = opt("auto", "attention kernel: fused flash attention, or PyTorch SDPA", ("auto", "flash", "sdpa"))
+    model_impl: str = opt("fmkernels", "fmkernels (fused kernels) or plain (the plain-PyTorch twin)",
+                          ("fmkernels", "plain"))
+
+    def validate(self):
+        _choice(self, "model_impl", ("fmkernels", "plain"))
+
+
+@dataclass
+class DataSection(Section):
+    title, prefix = "data", ""
+    corpus: str = opt("stdlib", "'stdlib' (embedded Python standard library), a directory, a .txt or a .jsonl file")
+    stdlib_tests: bool = opt(False, "include the stdlib's test folders")
+    text_field: str = opt("text", "JSON Lines field holding the text")
+    tokenizer: str = opt("bpe", "tokenizer kind", ("byte", "bpe"))
+    vocab_size: int = opt(4096, "BPE vocabulary size (ignored for byte)")
+    val_fraction: float = opt(0.05, "fraction of documents held out for validation")
+
+    def validate(self):
+        _positive_ints(self, "vocab_size")
+        if not 0 < self.val_fraction < 1:
+            _bad(self, "val_fraction", "must be in (0, 1)")
+        _choice(self, "tokenizer", ("byte", "bpe"))
+        if self.tokenizer == "bpe" and self.vocab_size < 257:
+            _bad(self, "vocab_size", "must be > 256 for a BPE tokenizer")
+        if self.corpus != "stdlib" and not os.path.exists(self.corpus):
+            _bad(self, "corpus", "does not exist (a directory, .txt or .jsonl path, or 'stdlib')")
+
+
+@dataclass
+class OptimSection(Section):
+    title, prefix = "optimization", ""
+    seq_len: int = opt(256, "tokens per training window")
+    batch_size: int = opt(16, "windows per micro-batch (per process)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(1_000_000, "optimizer steps (given alone: a step-based, reproducible run)")
+    max_time_s: Optional[float] = opt(300.0, "stop after this much training time; the lr schedule then follows time "
+                                             "(dropped when max_steps is given without it)")
+    lr: float = opt(3e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "cosine decay floor, as a fraction of lr")
+    warmup_steps: int = opt(50, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "gradient norm clip (0 disables)")
+    seed: int = opt(0, "random seed (init, data order, dropout, augmentation)")
+
+    def validate(self):
+        _positive_ints(self, "seq_len", "batch_size", "grad_accum", "max_steps")
+        if self.lr <= 0:
+            _bad(self, "lr", "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _bad(self, "min_lr_ratio", "must be in [0, 1]")
+        if self.warmup_steps < 0:
+            _bad(self, "warmup_steps", "must be >= 0")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            _bad(self, "max_time_s", "must be > 0")
+        if self.grad_clip < 0:
+            _bad(self, "grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class RuntimeSection(Section):
+    title, prefix = "runtime", ""
+    dtype: str = opt("auto", "auto: bf16 autocast where bf16 matmuls are fast (AVX-512 BF16 / AMX CPUs, GPUs)",
+                     ("auto", "bf16", "fp32"))
+    activation_checkpointing: bool = opt(False, "recompute each block in the backward")
+    compile: bool = opt(False, "torch.compile the model")
+    threads: Optional[int] = opt(None, "torch threads", default_text="torch's default")
+    tune_allocator: bool = opt(True, "CPU: fmkernels.tune_cpu_allocator() (no page faults on reused activations)")
+    distributed: str = opt("auto", "auto: ddp under torchrun", ("auto", "none", "ddp", "fsdp"))
+
+    def validate(self):
+        _choice(self, "dtype", ("auto", "fp32", "bf16"))
+        _choice(self, "distributed", ("auto", "none", "ddp", "fsdp"))
+
+
+@dataclass
+class TransformSection(Section):
+    title, prefix = "model transforms (fmkernels/train/converters.py)", ""
+    int8_training: bool = opt(False, "int8 forward/backward matmuls (quantize_ with Int8TrainingConfig)")
+    sparsity: Optional[str] = opt(None, "2:4: semi-structured sparse linears (sparsify_)", ("2:4",))
+    qat: Optional[str] = opt(None, "fake-quantize the block linears while training (quantization-aware)",
+                             ("int8", "int4"))
+    qat_group_size: int = opt(128, "int4 QAT group size along in_features", (32, 64, 128, 256))
+
+    def validate(self):
+        if self.qat not in (None, "int8", "int4"):
+            _bad(self, "qat", "must be None, 'int8' or 'int4'")
+        if self.qat is not None and (getattr(self, "lora_rank", 0) or self.int8_training or self.sparsity):
+            _bad(self, "qat", "cannot be combined with lora_rank, int8_training or sparsity")
+        if self.qat_group_size not in (32, 64, 128, 256):
+            _bad(self, "qat_group_size", "must be 32, 64, 128 or 256")
+        if self.sparsity is not None and self.sparsity != "2:4":
+            _bad(self, "sparsity", "must be '2:4' (semi-structured)")
+
+
+@dataclass
+class FinetuneSection(Section):
+    title, prefix = "fine-tuning (fmk finetune --from CHECKPOINT sets init_from)", ""
+    init_from: Optional[str] = opt(None, "a checkpoint (or run directory): its weights, architecture and tokenizer")
+    freeze_embeddings: bool = opt(False, "freeze the token embedding (and so the tied head)")
+    freeze_blocks: int = opt(0, "freeze the first k transformer blocks")
+    layer_lr_decay: float = opt(1.0, "block i of L trains at lr * decay ** (L - i), the embedding decay ** (L + 1)")
+
+    def validate(self):
+        if self.freeze_blocks < 0:
+            _bad(self, "freeze_blocks", "must be >= 0")
+        if not 0 < self.layer_lr_decay <= 1:
+            _bad(self, "layer_lr_decay", "must be in (0, 1]")
+        _existing_path(self, "init_from")
+
+
+@dataclass
+class LoRASection(Section):
+    title, prefix = "LoRA", "lora_"
+    lora_rank: int = opt(0, "> 0: LoRA adapters on lora_targets, every other weight frozen")
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (update scaled by alpha / rank)")
+    lora_dropout: float = opt(0.0, "dropout on the adapter input")
+    lora_targets: str = opt("wqkv,wo,w13,w2", "comma-separated module names (last name component or full path)")
+    lora_base: str = opt("dense", "int8 / int4: quantize the frozen base first (QLoRA)", ("dense", "int8", "int4"))
+    lora_group_size: Optional[int] = opt(None, "int4 QLoRA base group size (32/64/128/256); None: per layer the "
+                                         "largest of 128, 64, 32 dividing in_features")
+
+    def validate(self):
+        if self.lora_rank < 0:
+            _bad(self, "lora_rank", "must be >= 0 (0 disables LoRA)")
+        if self.lora_alpha <= 0:
+            _bad(self, "lora_alpha", "must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            _bad(self, "lora_dropout", "must be in [0, 1)")
+        _choice(self, "lora_base", ("dense", "int8", "int4"))
+        _choice(self, "lora_group_size", (None, 32, 64, 128, 256))
+        if self.lora_base != "dense" and self.lora_rank == 0:
+            _bad(self, "lora_base", "needs lora_rank > 0 (a quantized base is frozen; only adapters train)")
+        if self.lora_rank and getattr(self, "model_impl", "fmkernels") != "fmkernels":
+            _bad(self, "lora_rank", "needs model_impl 'fmkernels'")
+
+
+@dataclass
+class HFSection(Section):
+    title, prefix = "pretrained Hugging Face / GGUF decoders (fmk finetune --hf; fmkernels/train/hf_source.py)", ""
+    hf: Optional[str] = opt(None, "a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3)")
+    data: Optional[str] = opt(None, ".txt or .jsonl (text, prompt/completion or messages); default: the corpus as text")
+    train_on: str = opt("completion", "loss on completion / assistant tokens only, or on all tokens",
+                        ("completion", "all"))
+    strict: bool = opt(False, "error instead of truncating (with a warning) sequences longer than seq_len / positions")
+
+    def validate(self):
+        _choice(self, "train_on", ("completion", "all"))
+        if self.data is not None and not self.hf:
+            _bad(self, "data", "is for fine-tuning a pretrained model: give --hf PATH too (or use --corpus)")
+        if self.hf is None:
+            return
+        _existing_path(self, "hf", "a Hugging Face model directory or a .gguf file")
+        _existing_path(self, "data", "a .txt or .jsonl file")
+        if getattr(self, "init_from", None) is not None:
+            _bad(self, "hf", "cannot be combined with init_from (--from): one model source")
+        if getattr(self, "model_impl", "fmkernels") != "fmkernels":
+            _bad(self, "model_impl", "must be 'fmkernels' with hf")
+        for name, off in (("tasks", "lm"), ("select_mode", "none"), ("qat", None), ("sparsity", None),
+                          ("int8_training", False), ("aug_crop", 0.0), ("aug_token_dropout", 0.0),
+                          ("aug_span_mask", 0.0), ("aug_rename", 0.0)):
+            if getattr(self, name, off) != off:
+                _bad(self, name, f"is not supported with hf yet (leave it at {off!r})")
+
+
+@dataclass
+class AugmentSection(Section):
+    title, prefix = "augmentation of training batches (fmkernels/data/augment.py; validation untouched)", "aug_"
+    aug_crop: float = opt(0.0, "probability per row of a random crop offset")
+    aug_token_dropout: float = opt(0.0, "probability per input token of replacing it by another token of its row")
+    aug_span_mask: float = opt(0.0, "probability per row of overwriting one span of aug_span_len input tokens")
+    aug_span_len: int = opt(8, "masked span length")
+    aug_rename: float = opt(0.0, "probability per training .py document of consistent local-name renaming")
+
+    def validate(self):
+        for name in ("aug_crop", "aug_token_dropout", "aug_span_mask", "aug_rename"):
+            if not 0 <= getattr(self, name) <= 1:
+                _bad(self, name, "must be a probability in [0, 1]")
+        if self.aug_span_len < 1:
+            _bad(self, "aug_span_len", "must be >= 1")
+
+
+@dataclass
+class SelectionSection(Section):
+    title, prefix = "data selection (fmkernels/train/selection.py)", "select_"
+    select_mode: str = opt("none", "online: score candidates, train on the top; offline: score once, keep the top",
+                           ("none", "online", "offline"))
+    select_ratio: float = opt(0.5, "online: batch_size of ceil(batch_size / ratio) candidates; offline: fraction kept")
+    select_reference: Optional[str] = opt(None, "checkpoint: score = loss - its loss (RHO-loss)",
+                                          default_text="none: score = loss")
+    select_scorer: Optional[str] = opt(None, "offline: the checkpoint that scores the corpus (required there)")
+
+    def validate(self):
+        _choice(self, "select_mode", ("none", "online", "offline"))
+        if not 0 < self.select_ratio <= 1:
+            _bad(self, "select_ratio", "must be in (0, 1]")
+        if self.select_mode == "offline" and not self.select_scorer:
+            _bad(self, "select_scorer", "is required with select_mode 'offline' (the checkpoint that scores the corpus)")
+        if self.select_mode == "none" and (self.select_scorer or self.select_reference):
+            _bad(self, "select_mode", "is 'none' but select_scorer / select_reference is set; choose 'online' or "
+                 "'offline'")
+        if self.select_mode == "online" and self.select_scorer:
+            _bad(self, "select_scorer", "is for select_mode 'offline' (online selection scores with the model being "
+                 "trained)")
+        _existing_path(self, "select_reference")
+        _existing_path(self, "select_scorer")
+        if self.select_mode != "none" and getattr(self, "distributed", "auto") == "fsdp":
+            _bad(self, "select_mode", "is not supported with distributed 'fsdp' (use ddp)")
+
+
+@dataclass
+class TaskSection(Section):
+    title, prefix = "task heads and multitask learning (fmkernels/train/multitask.py)", ""
+    tasks: str = opt("lm", "lm | pkg (package classification) | lm,pkg (multitask: one trunk, both heads)")
+    task_weights: str = opt("", "fixed loss weights 'lm=1,pkg=0.5' (unnamed tasks: 1)")
+    task_weighting: str = opt("fixed", "uncertainty: learned exp(-s_i) L_i + s_i (Kendall et al.)", WEIGHTING)
+    task_sampling: str = opt("all", "all: every task every micro-step; else one task drawn per micro-step", SAMPLING)
+    task_temperature: float = opt(2.0, "task_sampling temperature: p_i ~ n_i ** (1 / T)")
+    cls_classes: int = opt(8, "pkg: the packages with the most training text")
+    cls_pool: str = opt("mean", "pkg: pooled hidden state -> classes", ("mean", "last"))
+    cls_chunks_per_file: int = opt(16, "pkg: at most this many seq_len chunks per file")
+
+    def validate(self):
+        tasks = parse_tasks(self.tasks)
+        parse_weights(self.task_weights, tasks)
+        if self.task_sampling not in SAMPLING:
+            raise ConfigError(f"config: task_sampling must be one of {', '.join(SAMPLING)}, got {self.task_sampling!r}")
+        if self.task_weighting not in WEIGHTING:
+            raise ConfigError(f"config: task_weighting must be one of {', '.join(WEIGHTING)}, got "
+                              f"{self.task_weighting!r}")
+        if not (self.task_temperature > 0 and math.isfinite(self.task_temperature)):
+            raise ConfigError(f"config: task_temperature must be a finite number > 0, got {self.task_temperature!r}")
+        if not isinstance(self.cls_classes, int) or self.cls_classes < 2:
+            raise ConfigError(f"config: cls_classes must be an integer >= 2, got {self.cls_classes!r}")
+        if self.cls_pool not in ("mean", "last"):
+            raise ConfigError(f"config: cls_pool must be 'mean' or 'last' (a causal trunk has no [CLS]), got "
+                              f"{self.cls_pool!r}")
+        if not isinstance(self.cls_chunks_per_file, int) or self.cls_chunks_per_file < 1:
+            raise ConfigError(f"config: cls_chunks_per_file must be a positive integer, got {self.cls_chunks_per_file!r}")
+        if tasks != ["lm"]:
+            if getattr(self, "model_impl", "fmkernels") != "fmkernels":
+                raise ConfigError(f"config: tasks {self.tasks!r} needs model_impl 'fmkernels' (hidden_states), got "
+                                  f"{self.model_impl!r}")
+            corpus = getattr(self, "corpus", "stdlib")
+            if "pkg" in tasks and corpus != "stdlib" and not Path(corpus).is_dir():
+                raise ConfigError(f"config: task pkg needs corpus 'stdlib' or a directory (labels are top-level "
+                                  f"folders), got {corpus!r}")
+
+
+@dataclass
+class RunSection(Section):
+    title, prefix = "evaluation, logging, checkpoints", ""
+    eval_every: int = opt(200, "evaluate every N steps")
+    eval_tokens: Optional[int] = opt(65536, "cap for periodic evaluations; the final one covers the full split")
+    final_eval: bool = opt(True, "evaluate on the full validation split at the end")
+    log_every: int = opt(10, "log a metrics row every N steps")
+    out_dir: str = opt("runs/default", "run directory (checkpoints, metrics.csv, train.log, summary.json)")
+    save_every: int = opt(200, "checkpoint every N steps")
+    keep_last: int = opt(2, "checkpoints kept (>= 2: resume falls back to the previous one)")
+    resume: bool = opt(False, "continue from out_dir's last checkpoint")
+    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
+    tensorboard: bool = opt(False, "also write TensorBoard scalars (needs tensorboard)")
+    progress: bool = opt(True, "progress bar")
+
+    def validate(self):
+        _positive_ints(self, "log_every", "eval_every", "save_every", "max_nonfinite")
+        if self.keep_last < 2:
+            _bad(self, "keep_last", "must be >= 2 (resume falls back to the previous checkpoint)")
+
+
+@dataclass
+class SampleSection(Section):
+    title, prefix = "sample printed at the end", ""
+    sample_tokens: int = opt(200, "tokens to generate (0: none)")
+    sample_prompt: str = opt("def ", "prompt")
+    temperature: float = opt(0.8, "sampling temperature (<= 0: greedy)")
+    top_k: Optional[int] = opt(40, "top-k sampling (none: off)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "optim": OptimSection, "runtime": RuntimeSection,
+    "transforms": TransformSection, "finetune": FinetuneSection, "lora": LoRASection, "hf": HFSection, "augment": AugmentSection,
+    "selection": SelectionSection, "tasks": TaskSection, "run": RunSection, "sample": SampleSection,
+}
+
+
+@dataclass
+class TrainConfig(SampleSection, RunSection, TaskSection, SelectionSection, AugmentSection, HFSection, LoRASection,
+                  FinetuneSection, TransformSection, RuntimeSection, OptimSection, DataSection, ModelSection):
+    """Every field of every section, flat."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,19 +419,46 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def section_of(cls, name: str) -> str:
+        for sec, scls in SECTIONS.items():
+            if name in scls.__dataclass_fields__:
+                return sec
+        raise KeyError(name)
+
+    def sections(self) -> dict:
+        """{section name: that section's dataclass, filled from this config} (the nested view)."""
+        return {sec: scls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(scls)})
+                for sec, scls in SECTIONS.items()}
+
+    @classmethod
+    def _flatten(cls, values: dict) -> dict:
+        out = {}
+        for k, v in values.items():
+            if k in SECTIONS and isinstance(v, dict):
+                scls = SECTIONS[k]
+                for sk, sv in v.items():
+                    name = sk if sk in scls.__dataclass_fields__ else scls.prefix + sk
+                    if name not in scls.__dataclass_fields__:
+                        raise ConfigError(f"config: {k}.{sk} is not a field of section {k!r}; its fields: "
+                                          f"{', '.join(scls.__dataclass_fields__)}")
+                    out[name] = sv
+            else:
+                out[k] = v
+        return out
+
+    @classmethod
     def build(cls, yaml_path: Optional[str] = None, overrides: Optional[dict] = None) -> "TrainConfig":
-        """preset defaults <- YAML file <- overrides; unknown keys and bad values raise ConfigError."""
+        """preset defaults <- YAML file (flat or nested by section) <- overrides; unknown keys and bad values raise
+        ConfigError."""
         values: dict[str, Any] = {}
         if yaml_path:
-            import yaml
-
             if not os.path.exists(yaml_path):
                 raise ConfigError(f"config: YAML file {yaml_path!r} does not exist")
             with open(yaml_path) as f:
                 loaded = yaml.safe_load(f) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config: {yaml_path} must hold a mapping of field: value")
-            values.update(loaded)
+            values.update(cls._flatten(loaded))
         values.update(overrides or {})
         if "max_steps" in values and "max_time_s" not in values:
             values["max_time_s"] = None
@@ -161,106 +482,9 @@ class TrainConfig:
         return TransformerConfig(**d)
 
     def validate(self) -> None:
-        def bad(name, why):
-            raise ConfigError(f"config: {name} {why}, got {getattr(self, name)!r}")
-
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
-                     "max_nonfinite", "vocab_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                bad(name, "must be a positive integer")
-        if self.keep_last < 2:
-            bad("keep_last", "must be >= 2 (resume falls back to the previous checkpoint)")
-        if self.lr <= 0:
-            bad("lr", "must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "must be in [0, 1]")
-        if self.warmup_steps < 0:
-            bad("warmup_steps", "must be >= 0")
-        if not 0 < self.val_fraction < 1:
-            bad("val_fraction", "must be in (0, 1)")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            bad("dtype", "must be 'auto', 'fp32' or 'bf16'")
-        if self.tokenizer not in ("byte", "bpe"):
-            bad("tokenizer", "must be 'byte' or 'bpe'")
-        if self.tokenizer == "bpe" and self.vocab_size < 257:
-            bad("vocab_size", "must be > 256 for a BPE tokenizer")
-        if self.model_impl not in ("fmkernels", "plain"):
-            bad("model_impl", "must be 'fmkernels' or 'plain'")
-        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
-            bad("distributed", "must be 'auto', 'none', 'ddp' or 'fsdp'")
-        if self.max_time_s is not None and self.max_time_s <= 0:
-            bad("max_time_s", "must be > 0")
-        if self.corpus != "stdlib" and not os.path.exists(self.corpus):
-            bad("corpus", "does not exist (a directory, .txt or .jsonl path, or 'stdlib')")
-        if self.freeze_blocks < 0:
-            bad("freeze_blocks", "must be >= 0")
-        if not 0 < self.layer_lr_decay <= 1:
-            bad("layer_lr_decay", "must be in (0, 1]")
-        if self.lora_rank < 0:
-            bad("lora_rank", "must be >= 0 (0 disables LoRA)")
-        if self.lora_alpha <= 0:
-            bad("lora_alpha", "must be > 0")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "must be in [0, 1)")
-        if self.lora_base not in ("dense", "int8", "int4"):
-            bad("lora_base", "must be 'dense', 'int8' or 'int4'")
-        if self.lora_base != "dense" and self.lora_rank == 0:
-            bad("lora_base", "needs lora_rank > 0 (a quantized base is frozen; only adapters train)")
-        if self.lora_rank and self.model_impl != "fmkernels":
-            bad("lora_rank", "needs model_impl 'fmkernels'")
-        if self.train_on not in ("completion", "all"):
-            bad("train_on", "must be 'completion' or 'all'")
-        if self.lora_group_size not in (None, 32, 64, 128, 256):
-            bad("lora_group_size", "must be 32, 64, 128 or 256")
-        if self.data is not None and not self.hf:
-            bad("data", "is for fine-tuning a pretrained model: give --hf PATH too (or use --corpus)")
-        if self.hf is not None:
-            if self.init_from is not None:
-                bad("hf", "cannot be combined with init_from (--from): one model source")
-            if self.data is not None and not os.path.exists(self.data):
-                bad("data", "does not exist (a .txt or .jsonl file)")
-            if self.model_impl != "fmkernels":
-                bad("model_impl", "must be 'fmkernels' with hf")
-            for name, off in (("tasks", "lm"), ("select_mode", "none"), ("qat", None), ("sparsity", None)):
-                if getattr(self, name) != off:
-                    bad(name, f"is not supported with hf yet (leave it at {off!r})")
-            if self.int8_training or any(getattr(self, n) for n in ("aug_crop", "aug_token_dropout", "aug_span_mask",
-                                                                    "aug_rename")):
-                bad("hf", "cannot be combined with int8_training or token augmentation yet")
-        if self.init_from is not None and not os.path.exists(self.init_from):
-            bad("init_from", "does not exist (a checkpoint directory or a run directory)")
-        for name in ("aug_crop", "aug_token_dropout", "aug_span_mask", "aug_rename"):
-            if not 0 <= getattr(self, name) <= 1:
-                bad(name, "must be a probability in [0, 1]")
-        if self.aug_span_len < 1:
-            bad("aug_span_len", "must be >= 1")
-        if self.select_mode not in ("none", "online", "offline"):
-            bad("select_mode", "must be 'none', 'online' or 'offline'")
-        if not 0 < self.select_ratio <= 1:
-            bad("select_ratio", "must be in (0, 1]")
-        if self.select_mode == "offline" and not self.select_scorer:
-            bad("select_scorer", "is required with select_mode 'offline' (the checkpoint that scores the corpus)")
-        if self.select_mode == "none" and (self.select_scorer or self.select_reference):
-            bad("select_mode", "is 'none' but select_scorer / select_reference is set; choose 'online' or 'offline'")
-        if self.select_mode == "online" and self.select_scorer:
-            bad("select_scorer", "is for select_mode 'offline' (online selection scores with the model being trained)")
-        for name in ("select_reference", "select_scorer"):
-            if getattr(self, name) is not None and not os.path.exists(getattr(self, name)):
-                bad(name, "does not exist (a checkpoint directory or a run directory)")
-        if self.select_mode != "none" and self.distributed == "fsdp":
-            bad("select_mode", "is not supported with distributed 'fsdp' (use ddp)")
-        if self.qat not in (None, "int8", "int4"):
-            bad("qat", "must be None, 'int8' or 'int4'")
-        if self.qat is not None and (self.lora_rank or self.int8_training or self.sparsity):
-            bad("qat", "cannot be combined with lora_rank, int8_training or sparsity")
-        if self.qat_group_size not in (32, 64, 128, 256):
-            bad("qat_group_size", "must be 32, 64, 128 or 256")
-        if self.grad_clip < 0:
-            bad("grad_clip", "must be >= 0 (0 disables clipping)")
-        from .multitask import validate_task_fields
-
-        validate_task_fields(self)
+        """Each section validates its own fields (and the rules that tie them to other sections)."""
+        for scls in SECTIONS.values():
+            scls.validate(self)
         self.model_config(256 if self.tokenizer == "byte" else self.vocab_size)  # shapes: heads | dim, ...
 
     def to_dict(self) -> dict:
@@ -271,13 +495,9 @@ class TrainConfig:
         2-2.7x fp32 matmul throughput), else 'fp32' (e.g. AVX-512 without BF16, where bf16 is slower)."""
         if self.dtype != "auto":
             return self.dtype
-        import torch
-
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         try:
-            from .. import _ext
-
             ext = _ext.cpu_ext()
             feats = ext.cpu_features() if ext is not None else {}
         except Exception:
@@ -293,6 +513,22 @@ def _hints():
     if _HINTS is None:
         _HINTS = typing.get_type_hints(TrainConfig)
     return _HINTS
+
+
+def field_base_type(name: str):
+    """bool / int / float / str of a field (Optional stripped)."""
+    hint = _hints()[name]
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint) if args else hint
+
+
+def field_help(name: str) -> dict:
+    """{help, choices, default, default_text, type, optional} of a field, for the CLI."""
+    f = TrainConfig.__dataclass_fields__[name]
+    hint = _hints()[name]
+    return dict(help=f.metadata.get("help", ""), choices=f.metadata.get("choices"), default=f.default,
+                default_text=f.metadata.get("default_text"), type=field_base_type(name),
+                optional=type(None) in typing.get_args(hint))
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -1,6 +1,6 @@
-"""Runs of pretrained Hugging Face / GGUF decoders through the one training loop (`fmk finetune --hf`): what the
-trainer asks of the model source (model, data, what a checkpoint holds), and what the commands do with such a run
-(`fmk eval`, `fmk generate`, `fmk export`).
+"""Commands on runs of pretrained Hugging Face / GGUF decoders (`fmk finetune --hf`, whose model source is
+hf_source.HFModelSource): the Python entry point `finetune_hf`, and what `fmk eval`, `fmk generate` and
+`fmk export` do with such a run.
 
 A LoRA run's checkpoints hold the adapters (lora_A / lora_B) and the optimizer state only; the base is rebuilt from
 the `hf` path recorded in the run, and its fingerprint (hf_source.fingerprint) must match, so an adapter is never
@@ -8,77 +8,23 @@ applied to another base model. A full fine-tuning run's checkpoints hold all wei
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..data.corpus import CorpusError
-from ..data.sft import SFTData, corpus_records, prepare_sft
-from ..models import Transformer
+from ..data.sft import SFTData, prepare_sft
 from ..models.config import ConfigError
 from . import hf_source
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .finetune import attach_lora, merge_to_dense
-
-ADAPTER_SUFFIXES = ("lora_A", "lora_B")
-
-
-def is_adapter_key(k: str) -> bool:
-    return k.endswith(ADAPTER_SUFFIXES)
-
-
-def build(cfg, log=print) -> tuple[hf_source.HFSource, SFTData]:
-    """The model source and the packed data of a `--hf` run (model on CPU, fp32, no adapters yet)."""
-    src = hf_source.load_source(cfg.hf, cfg.seq_len, cfg.strict, log)
-    seq_len = src.mcfg.max_seq_len
-    if cfg.data is not None:
-        data = prepare_sft(cfg.data, src.tokenizer, seq_len, cfg.val_fraction, cfg.train_on, cfg.text_field,
-                           cfg.strict, log)
-    else:
-        recs = corpus_records(cfg.corpus, cfg.stdlib_tests, cfg.text_field)
-        data = prepare_sft(f"corpus:{cfg.corpus}", src.tokenizer, seq_len, cfg.val_fraction, cfg.train_on,
-                           cfg.text_field, cfg.strict, log, records=recs)
-    log(f"model source {cfg.hf}: {src.hf_config.model_type}, {src.model.num_params() / 1e6:.1f}M parameters, "
-        f"dim {src.mcfg.dim} x {src.mcfg.n_layers} layers, heads {src.mcfg.n_heads}/{src.mcfg.n_kv_heads}, "
-        f"vocab {src.mcfg.vocab_size}, fused end to end (fmkernels Transformer)")
-    return src, data
-
-
-def checkpoint_state(cfg, src) -> dict:
-    """What a --hf run adds to each checkpoint's state.json."""
-    return dict(hf=dict(path=str(cfg.hf), fingerprint=src.fingerprint, config=src.hf_config_dict(),
-                        adapters_only=cfg.lora_rank > 0))
-
-
-def model_state_for_checkpoint(cfg, sd: dict) -> dict:
-    return {k: v for k, v in sd.items() if is_adapter_key(k)} if cfg.lora_rank > 0 else sd
-
-
-def load_into(model, sd: dict, adapters_only: bool) -> None:
-    """Load a checkpoint's weights; adapters-only checkpoints must supply every adapter and nothing else."""
-    if not adapters_only:
-        model.load_state_dict(sd)
-        return
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    lost = [k for k in missing if is_adapter_key(k)]
-    if lost or unexpected:
-        raise ConfigError(f"hf: the checkpoint's adapters do not match this model (missing {lost[:4]}, "
-                          f"unexpected {list(unexpected)[:4]}): an adapter from another base model or LoRA config?")
-
-
-def check_fingerprint(ck: dict, src) -> None:
-    want = ck["state"].get("hf", {}).get("fingerprint")
-    if want and want != src.fingerprint:
-        raise ConfigError(f"hf: checkpoint {ck['path']} was trained on another base model than "
-                          f"{src.path!r} (weights fingerprint {want} != {src.fingerprint})")
-
+from .hf_source import is_adapter_key  # noqa: F401  (re-exported for tests)
+from ..nn.lora import LoRALinear
+from .config import TrainConfig
+from .model_source import attach_lora, merge_to_dense
+from .trainer import train
 
 def is_hf_run(ck: dict) -> bool:
     return bool(ck["state"].get("hf")) or bool(ck["state"].get("config", {}).get("hf"))
@@ -90,12 +36,14 @@ def load_run(path, hf: Optional[str] = None, merge: bool = True, log=lambda m: N
     ck = load_checkpoint(resolve_checkpoint(path))
     cfg = ck["state"]["config"]
     src = hf_source.load_source(hf or cfg["hf"], ck["state"]["model_config"]["max_seq_len"], False, log)
-    check_fingerprint(ck, src)
+    hf_source.check_fingerprint(ck, src.fingerprint, hf or cfg["hf"])
     model = src.model
     adapters_only = int(cfg.get("lora_rank", 0) or 0) > 0
     if adapters_only:
         attach_lora(model, cfg)
-    load_into(model, ck["model"], adapters_only)
+        model.load_state_dict(hf_source.merge_adapters(model, ck["model"]))
+    else:
+        model.load_state_dict(ck["model"])
     if adapters_only and merge:
         merge_to_dense(model)
     model.eval()
@@ -123,22 +71,10 @@ def evaluate_run(path, data: Optional[str] = None, max_tokens: Optional[int] = N
         checkpoint=str(ck["path"]) if ck else None, step=ck["state"]["step"] if ck else 0, data=str(data))
 
 
-@torch.no_grad()
 def evaluate_model(model, sft: SFTData, batch_size: int = 4, max_tokens: Optional[int] = None, autocast=None) -> dict:
-    import contextlib
-
-    tb = torch.from_numpy(sft.token_bytes)
-    nll, ntok, nbytes, t0 = 0.0, 0, 0, time.perf_counter()
-    for x, y, seg in sft.eval_batches(batch_size, max_tokens):
-        dev = next(model.parameters()).device
-        with autocast() if autocast else contextlib.nullcontext():
-            nll += float(model(x.to(dev), y.to(dev), reduction="sum", segments=seg.to(dev)))
-        keep = y[y != -100]
-        ntok += keep.numel()
-        nbytes += int(tb[keep].sum())
-    loss = nll / max(ntok, 1)
-    return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)), val_bpb=nll / math.log(2) / max(nbytes, 1),
-                tokens=ntok, bytes=nbytes, eval_s=time.perf_counter() - t0)
+    r = sft.evaluate(model, batch_size, max_tokens, autocast)
+    return dict(val_loss=r["loss"], val_ppl=r["ppl"], val_bpb=r["bpb"], tokens=r["tokens"], bytes=r["bytes"],
+                eval_s=r["eval_s"])
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -207,8 +143,6 @@ def _write_peft(model, cfg, src, hfc, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ..nn.lora import LoRALinear
-
     r = int(cfg["lora_rank"])
     targets, weights = set(), {}
     for name, m in model.named_modules():
@@ -252,9 +186,6 @@ def _write_peft(model, cfg, src, hfc, out: Path) -> None:
 def finetune_hf(hf: str, data: Optional[str] = None, out_dir: str = "runs/hf", **fields) -> dict:
     """The Python twin of `fmk finetune --hf PATH --data FILE ...`: any TrainConfig field as a keyword
     (lora_rank=16, max_steps=100, dtype="bf16", ...); returns the run summary."""
-    from .config import TrainConfig
-    from .trainer import train
-
     overrides = dict(hf_defaults(fields), hf=hf, out_dir=out_dir, **fields)
     if data is not None:
         overrides["data"] = data

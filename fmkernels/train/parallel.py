@@ -1,5 +1,5 @@
 """Everything applied to a model from outside: distributed setup, DDP / FSDP2 wrapping, activation
-checkpointing, torch.compile, and the optional int8-training / sparsity transforms from the other issues.
+checkpointing, torch.compile.
 The model code itself is written for one device and never changes."""
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models.config import ConfigError
 
@@ -62,45 +67,17 @@ def teardown_distributed(sync: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def apply_transforms(model: nn.Module, int8_training: bool, sparsity: Optional[str]) -> None:
-    """Optional switches owned by the quantization / sparsity work: call them when this build has them."""
-    import fmkernels
-
-    if int8_training:
-        try:
-            quantize_ = fmkernels.quantize_
-            cfg_cls = fmkernels.Int8TrainingConfig
-        except AttributeError as e:
-            raise ConfigError(f"config: int8_training=true needs fmkernels.quantize_ and Int8TrainingConfig ({e})") from e
-        quantize_(model, cfg_cls())
-    if sparsity:
-        try:
-            sparsify_ = fmkernels.sparsify_
-            cfg_cls = fmkernels.SemiStructuredConfig
-        except AttributeError as e:
-            raise ConfigError(f"config: sparsity={sparsity!r} needs fmkernels.sparsify_ ({e})") from e
-        if sparsity != "2:4":
-            raise ConfigError(f"config: sparsity must be '2:4' (semi-structured), got {sparsity!r}")
-        sparsify_(model, cfg_cls())
-
-
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in the backward (torch's checkpoint wrapper; state_dict keys unchanged)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def wrap_distributed(model: nn.Module, info: DistInfo) -> nn.Module:
     if info.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         dev = [info.local_rank] if torch.cuda.is_available() else None
         return DDP(model, device_ids=dev)
     if info.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -111,3 +88,53 @@ def wrap_distributed(model: nn.Module, info: DistInfo) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     m = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(m, "module", m)  # DDP
+
+
+def full_model_state(model: nn.Module, mode: str) -> dict:
+    """The whole model's state dict on every rank's CPU (collective under FSDP); activation-checkpoint wrapper
+    prefixes removed."""
+    if mode == "fsdp":
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = unwrap(model).state_dict()
+    return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
+
+
+def full_optim_state(model: nn.Module, opt, mode: str) -> dict:
+    if mode == "fsdp":
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_full_states(model: nn.Module, opt, model_sd: dict, optim_sd: Optional[dict], mode: str) -> None:
+    if mode == "fsdp":
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=opts)
+        if optim_sd is not None:
+            set_optimizer_state_dict(model, opt, optim_sd, options=opts)
+    else:
+        unwrap(model).load_state_dict(model_sd)
+        if optim_sd is not None:
+            opt.load_state_dict(optim_sd)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_reduce(v: float, op, world: int) -> float:
+    if dist.is_initialized() and world > 1:
+        t = torch.tensor([float(v)], dtype=torch.float64)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+    return v
+
+
+def all_max(v: float, world: int) -> float:
+    """max of a Python float over the ranks (v itself on one process)."""
+    return _all_reduce(v, dist.ReduceOp.MAX, world)
+
+
+def all_mean(v: float, world: int) -> float:
+    return _all_reduce(v, dist.ReduceOp.SUM, world) / world

@@ -16,6 +16,8 @@ accounting, causal attention counted in full).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from typing import Callable, Optional
@@ -26,26 +28,16 @@ import torch.nn.functional as F
 
 from ..data import BatchSampler
 from ..data.corpus import CorpusError
+from ..models import Transformer
 from ..models.config import ConfigError, TransformerConfig
+from .flops import forward_flops_per_token, train_flops_per_token
+from .model_source import load_model
 
 MODES = ("none", "online", "offline")
 # Scoring materialises fp32 logits in chunks of at most this many bytes: 1.6x faster than one fused
 # linear_cross_entropy call per row at the tiny preset (B 32, T 64, V 256), equal at small (T 256, V 4096)
 # (2 cores, AVX-512, loaded machine; medians of 5).
 LOGITS_CHUNK_BYTES = 64 << 20
-
-
-# ---------------------------------------------------------------------------------------------------- cost model
-def forward_flops_per_token(mcfg: TransformerConfig, seq_len: int) -> float:
-    """Matmul FLOPs of one forward per token: 2 * (block weights + head) + attention 4 * L * T * dim."""
-    D, L, V = mcfg.dim, mcfg.n_layers, mcfg.vocab_size
-    kv = mcfg.n_kv_heads * mcfg.head_dim
-    per_layer = D * (D + 2 * kv) + D * D + 3 * D * mcfg.ffn_dim
-    return 2.0 * (L * per_layer + V * D) + 4.0 * L * seq_len * D
-
-
-def train_flops_per_token(mcfg: TransformerConfig, seq_len: int) -> float:
-    return 3.0 * forward_flops_per_token(mcfg, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -93,8 +85,6 @@ class Scorer:
 
     def _ctx(self):
         if self._autocast is None:
-            import contextlib
-
             return contextlib.nullcontext()
         return self._autocast()
 
@@ -189,8 +179,6 @@ def keep_top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- trainer hook
 def load_scoring_model(path: str, field: str, tokenizer, seq_len: int, device) -> torch.nn.Module:
     """A frozen dense model from a checkpoint, checked to share the run's tokenizer and fit seq_len."""
-    from .evaluate import load_model
-
     model, tok, _ = load_model(path)
     probe = "def f(x):\n    return x  # probe\n"
     same = (tok.vocab_size == tokenizer.vocab_size and list(tok.encode(probe)) == list(tokenizer.encode(probe))
@@ -200,10 +188,6 @@ def load_scoring_model(path: str, field: str, tokenizer, seq_len: int, device) -
                           f"this run (vocab {tokenizer.vocab_size}); use the same tokenizer settings, or fine-tune "
                           f"from it (--from) so the run takes its tokenizer")
     if model.cfg.max_seq_len < seq_len:
-        import dataclasses
-
-        from ..models import Transformer
-
         big = Transformer(dataclasses.replace(model.cfg, max_seq_len=seq_len))
         big.load_state_dict(model.state_dict())
         model = big

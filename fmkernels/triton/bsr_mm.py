@@ -2,7 +2,7 @@
 
 One program per (BLOCK_M rows of x, block row r of W): loops over the kept blocks of row r only
 (row_ptr[r] .. row_ptr[r+1]), one tl.dot of the (BLOCK_M, B) slice of x with each block^T. Accumulates in fp32.
-Loads are upcast to fp32 before arithmetic (interpreter).
+Loads are upcast to fp32 before arithmetic (interpreter). Autograd: fmkernels/ops/sparse.py.
 """
 from __future__ import annotations
 
@@ -61,27 +61,3 @@ def bsr_mm_triton(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, 
 @bsr_mm_triton.register_fake
 def _(x, blocks, row_ptr, col_idx, bias):
     return x.new_empty((x.shape[0], (row_ptr.shape[0] - 1) * blocks.shape[1]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, blocks, row_ptr, col_idx, bias = inputs
-    ctx.save_for_backward(x, blocks, row_ptr, col_idx)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    from ..ops.sparse import bsr_block_grad, bsr_transpose
-
-    x, blocks, row_ptr, col_idx = ctx.saved_tensors
-    gx = gb_ = gb = None
-    if ctx.needs_input_grad[0]:
-        tb, trp, tci = bsr_transpose(blocks.to(grad_y.dtype), row_ptr, col_idx, x.shape[1])
-        gx = bsr_mm_triton(grad_y.contiguous(), tb, trp, tci, None)
-    if ctx.needs_input_grad[1]:
-        gb_ = bsr_block_grad(grad_y, x, row_ptr, col_idx, blocks.shape[1]).to(blocks.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        gb = grad_y.float().sum(0)
-    return gx, gb_, None, None, gb
-
-
-bsr_mm_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -258,18 +258,3 @@ def flash_attention_bwd_triton(
 def _(grad_out, q, k, v, out, lse, scale, window_left, window_right):
     return (torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype),
             torch.empty(v.shape, device=v.device, dtype=v.dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, window_left, window_right = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.args = (scale, window_left, window_right)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attention_bwd_triton(grad_out, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
-
-
-flash_attention_fwd_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -137,20 +137,5 @@ def _sm_count(device: torch.device) -> int:
     return 2  # interpreter: few programs keep the test fast
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, eps = inputs
-    ctx.save_for_backward(x, weight, output[1])
-
-
-def _backward(ctx, grad_y, _grad_rstd):
-    x, weight, rstd = ctx.saved_tensors
-    need_w = weight is not None and ctx.needs_input_grad[1]
-    gx, gw = rms_norm_bwd_triton(grad_y, x, weight, rstd, need_w)
-    return gx, (gw if need_w else None), None
-
-
-rms_norm_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
-
-
 def rms_norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     return rms_norm_fwd_triton(x, weight, eps)[0]

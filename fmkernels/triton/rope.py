@@ -66,18 +66,3 @@ def rope_triton(
 @rope_triton.register_fake
 def _(q, k, cos, sin, inverse):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-
-
-def _setup_context(ctx, inputs, output):
-    _, _, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
-
-
-def _backward(ctx, gq, gk):
-    cos, sin = ctx.saved_tensors
-    dq, dk = rope_triton(gq, gk, cos, sin, not ctx.inverse)
-    return dq, dk, None, None, None
-
-
-rope_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -3,7 +3,8 @@
 One program per (BLOCK_M, BLOCK_N) tile of y. Per BLOCK_K columns, the W tile is rebuilt in registers from the
 kept values: column k of group g = k // 4 holds value 2g if pos(2g) == k % 4, value 2g+1 if pos(2g+1) == k % 4,
 else 0; then one tl.dot. Reads half of W's bytes (plus 1/8 byte of meta per weight). The int8 variant
-accumulates exactly in int32. Loads are upcast to fp32 before arithmetic (interpreter).
+accumulates exactly in int32. `sparse24_sddmm_triton`: the gradient of the kept values (the backward's second
+product). Loads are upcast to fp32 before arithmetic (interpreter). Autograd: fmkernels/ops/sparse.py.
 """
 from __future__ import annotations
 
@@ -101,26 +102,56 @@ def _(x, values, meta):
     return x.new_empty((x.shape[0], values.shape[0]), dtype=torch.int32)
 
 
-def _setup_context(ctx, inputs, output):
-    x, values, meta, bias = inputs
-    ctx.save_for_backward(x, values, meta)
-    ctx.has_bias = bias is not None
+@triton.jit
+def _sparse24_sddmm_kernel(
+    GY, X, META, OUT,
+    M, N, K,
+    stride_gm, stride_xm, stride_mn, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """OUT (N, K/2) fp32: per (BLOCK_N rows of W, BLOCK_G groups of 4 columns) the dense tile gy^T @ x
+    (BLOCK_N, 4 * BLOCK_G), then the two kept positions of each group picked out of it."""
+    pid_n, pid_g = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_g * BLOCK_G * 4 + tl.arange(0, BLOCK_G * 4)
+    acc = tl.zeros((BLOCK_N, BLOCK_G * 4), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        gy = tl.load(GY + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)  # (BM, BN)
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)  # (BM, 4 BG)
+        acc += tl.dot(tl.trans(gy), x)
+    g3 = tl.reshape(acc, (BLOCK_N, BLOCK_G, 4))
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    lane = tl.arange(0, 4)
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] < K // 4)
+    for t in tl.static_range(2):
+        j = offs_g * 2 + t  # kept value index (BG,)
+        word = tl.load(META + offs_n[:, None].to(tl.int64) * stride_mn + (j // 16)[None, :], mask=mask, other=0)
+        pos = (word >> ((j % 16) * 2)[None, :]) & 3  # (BN, BG)
+        v = tl.sum(tl.where(lane[None, None, :] == pos[:, :, None], g3, 0.0), axis=2)
+        tl.store(OUT + offs_n[:, None].to(tl.int64) * stride_on + j[None, :], v, mask=mask)
 
 
-def _backward(ctx, grad_y):
-    from ..reference import sparse as ref
+@torch.library.custom_op("fmkernels::sparse24_sddmm_triton", mutates_args=())
+def sparse24_sddmm_triton(grad_y: torch.Tensor, x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    grad_y, x, meta = grad_y.contiguous(), x.contiguous(), meta.contiguous()
+    M, K = x.shape
+    N = grad_y.shape[1]
+    out = torch.zeros((N, K // 2), device=x.device, dtype=torch.float32)
+    if M == 0 or N == 0 or K == 0:
+        return out
+    interp = x.device.type == "cpu"
+    BM, BN, BG = (16, 16, 8) if interp else (64, 64, 16)
+    grid = (triton.cdiv(N, BN), triton.cdiv(K // 4, BG))
+    _sparse24_sddmm_kernel[grid](
+        grad_y, x, meta, out, M, N, K, grad_y.stride(0), x.stride(0), meta.stride(0), out.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_G=BG,
+    )
+    return out
 
-    x, values, meta = ctx.saved_tensors
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = grad_y @ ref.decompress_24(values, meta).to(grad_y.dtype)
-    if ctx.needs_input_grad[1]:  # kept positions only
-        cols = ref.sparse24_columns(meta, x.shape[1])  # (N, K/2)
-        gv = torch.einsum("mn,mnj->nj", grad_y.float(), x.float()[:, cols]).to(values.dtype) if x.shape[0] * cols.numel() < 2**26 \
-            else (grad_y.float().t() @ x.float()).gather(1, cols).to(values.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad_y.float().sum(0)
-    return gx, gv, None, gb
 
-
-sparse24_mm_triton.register_autograd(_backward, setup_context=_setup_context)
+@sparse24_sddmm_triton.register_fake
+def _(grad_y, x, meta):
+    return x.new_empty((grad_y.shape[1], x.shape[1] // 2), dtype=torch.float32)

@@ -84,19 +84,5 @@ def _(grad_y, a, b):
     return a.new_empty((*a.shape[:-1], 2 * a.shape[-1]))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, gy):
-    a, b = ctx.saved_tensors
-    g = swiglu_bwd_triton(gy, a, b)
-    F = a.shape[-1]
-    return g[..., :F], g[..., F:]
-
-
-swiglu_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
-
-
 def swiglu_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return swiglu_fwd_triton(a, b)

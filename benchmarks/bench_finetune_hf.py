@@ -94,8 +94,9 @@ def _hf_state(path):
     return _HF_CACHE[path]
 
 
-def build(row: str, path: str, batch: int, seq: int):
-    """-> (step(), description) for one row; step runs forward + backward + AdamW step on a fixed batch."""
+def build(row: str, path: str, batch: int, seq: int, with_model: bool = False):
+    """-> (step(), description) for one row; step runs forward + backward + AdamW step on a fixed batch.
+    with_model: (step, description, model)."""
     import contextlib
 
     import torch
@@ -155,6 +156,8 @@ def build(row: str, path: str, batch: int, seq: int):
         return float(loss)
 
     n_tr = sum(p.numel() for p in params)
+    if with_model:
+        return step, f"{n_tr / 1e6:.2f}M trainable", model
     return step, f"{n_tr / 1e6:.2f}M trainable"
 
 
@@ -182,13 +185,16 @@ def memory_child(row, path, batch, seq) -> dict:
 
     import fmkernels  # noqa: F401
 
-    base = _rss()
-    step, what = build(row, path, batch, seq)
+    step, what, model = build(row, path, batch, seq, with_model=True)
     _HF_CACHE.clear()
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     _trim_and_reset_peak()
+    before = _rss()
     step()
     step()
-    return dict(peak_bytes=_hwm() - base, what=what)
+    # weights (parameters + buffers: fp32, or int4 packed + scales) + what the steps add on top (optimizer state,
+    # gradients, activations, logits): the setup's freed memory is not counted
+    return dict(peak_bytes=weights + _hwm() - before, weights_bytes=weights, what=what)
 
 
 def memory(rows, path, batch, seq):

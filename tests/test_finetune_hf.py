@@ -161,18 +161,19 @@ def test_long_examples_truncate_with_warning_or_error_when_strict(tmp_path):
 
 
 def test_packing_never_attends_across_documents(hf_dirs, jsonls):
+    from fmkernels.data.sft import cu_seqlens_of
+
     src = hf_source.load_source(hf_dirs["llama"], 128)
     d = prepare_sft(jsonls["pc"], src.tokenizer, 128, log=lambda m: None)
-    x, y, seg = (torch.from_numpy(a[:2]) for a in (d.rows_train.x, d.rows_train.y, d.rows_train.seg))
-    assert int(seg[0].max()) >= 2, "rows should hold several documents"
+    x, seg = torch.from_numpy(d.rows_train.x[:2]), torch.from_numpy(d.rows_train.seg[:2])
+    cu = cu_seqlens_of(seg)
+    assert len(cu) - 1 >= 4, "rows should hold several documents"
     with torch.no_grad():
-        h = src.model.hidden_states(x, segments=seg)
-        for b in range(2):
-            for s in seg[b].unique():
-                idx = (seg[b] == s).nonzero().flatten()
-                alone = src.model.hidden_states(x[b:b + 1, idx[0]:idx[-1] + 1])  # the document by itself
-                # positions differ (RoPE is relative): equal to fp32 rounding
-                assert torch.allclose(h[b, idx], alone[0], atol=2e-5, rtol=1e-4)
+        h = src.model.hidden_states(x, cu_seqlens=cu).reshape(-1, src.mcfg.dim)
+        flat = x.reshape(-1)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            alone = src.model.hidden_states(flat[s:e][None])[0]  # the document by itself, positions from 0
+            torch.testing.assert_close(h[s:e], alone, atol=2e-5, rtol=1e-4)
 
 
 def test_sampler_is_a_function_of_the_step(jsonls):

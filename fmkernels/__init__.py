@@ -10,7 +10,11 @@ imports optional packages (transformers, peft).
 """
 import importlib
 
-from . import _library  # noqa: F401  (the fmkernels:: namespace)
+from . import _cli_env
+
+_cli_env.apply()  # the fmk command only: OMP_WAIT_POLICY=PASSIVE before torch loads (unless the user set it)
+
+from . import _library  # noqa: F401,E402  (the fmkernels:: namespace)
 from . import _ext
 from ._dispatch import BackendError
 from ._version import __version__

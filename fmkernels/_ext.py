@@ -4,17 +4,67 @@ built for another torch, no CUDA) warns once and the ops that need it fall back 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 
 import torch
 
 _STATE: dict[str, dict] = {}
+_WARNED_TORCH = False
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+
+
+def build_info() -> dict | None:
+    """What setup.py recorded when it built the extensions ({"torch": "2.13.0", "torch_cuda": None, "debug": False,
+    "extensions": [...]}), or None (no record: a build older than the record, or no build).
+    FMK_BUILD_INFO=path reads another record (tests fake a build for another torch with it)."""
+    try:
+        with open(os.environ.get("FMK_BUILD_INFO") or BUILD_INFO) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _release(version: str) -> str:
+    return version.split("+", 1)[0]  # "2.13.0+cpu" -> "2.13.0": the local label names the wheel flavour
+
+
+def torch_mismatch() -> str | None:
+    """Why the compiled extensions must not be loaded into this torch (None: they may).
+
+    Rule: the extensions load only into the torch release they were built against (same X.Y.Z; a local label
+    such as +cpu / +cu128 is not compared). torch's C++ ABI is not stable across releases: a wheel built for 2.13
+    beside 2.14 may fail with undefined symbols, or load and misbehave. FMK_IGNORE_TORCH_VERSION=1 loads anyway.
+    No record (a build from before the record existed) is not a mismatch."""
+    info = build_info()
+    if not info or not info.get("torch") or os.environ.get("FMK_IGNORE_TORCH_VERSION", "0") == "1":
+        return None
+    built, running = info["torch"], torch.__version__
+    if _release(built) == _release(running):
+        return None
+    return f"built against torch {built}, running torch {running}"
 
 
 def _load(module: str, label: str, quiet: bool) -> object | None:
+    global _WARNED_TORCH
     if module in _STATE:
         return _STATE[module]["module"]
+    info = build_info() or {}
+    why = torch_mismatch() if module in info.get("extensions", [module]) else None  # only what that build made
+    if why is not None:
+        _STATE[module] = {"module": None, "loaded": False, "error": f"torch version mismatch: {why}"}
+        if not _WARNED_TORCH:  # one warning for all extensions
+            _WARNED_TORCH = True
+            warnings.warn(
+                f"fmkernels: the compiled kernels were {why}; they are not loaded (torch's C++ ABI changes "
+                f"between releases) and every op uses its reference or Triton backend. Rebuild for this torch: "
+                f"`pip install --no-build-isolation --force-reinstall --no-deps fmkernels` (or `make build` in a "
+                f"checkout); FMK_IGNORE_TORCH_VERSION=1 loads them anyway.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
     try:
         mod = importlib.import_module(module)
         _STATE[module] = {"module": mod, "loaded": True, "error": None}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import re
 from pathlib import Path
@@ -51,10 +52,12 @@ def info() -> dict:
         "python": platform.python_version(),
         "cpu_extension": status.get("fmkernels._C", {}),
         "cuda_extension": status.get("fmkernels._C_cuda", {}),
+        "built_with_torch": (_ext.build_info() or {}).get("torch"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": {k: feats.get(k, False) for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")},
         "cpu_isa_in_use": cpu_ext.isa() if cpu_ext is not None else "n/a (extension not loaded)",
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gpu": gpu,
         "ops": ops,
     }
@@ -68,10 +71,12 @@ def format_info(d: dict) -> str:
 
     lines = [
         f"fmkernels {d['fmkernels']}   torch {d['torch']}   triton {d['triton'] or 'not installed'}   python {d['python']}",
-        f"CPU extension : {ext_line(d['cpu_extension'])}",
+        f"CPU extension : {ext_line(d['cpu_extension'])}"
+        + (f"   (built against torch {d['built_with_torch']})" if d.get("built_with_torch") else ""),
         f"CUDA extension: {ext_line(d['cuda_extension'])}",
         "CPU ISA       : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["cpu_isa"].items())
-        + f"   (kernels use: {d['cpu_isa_in_use']}, {d['threads']} threads)",
+        + f"   (kernels use: {d['cpu_isa_in_use']}, {d['threads']} threads, "
+        f"OMP_WAIT_POLICY={d.get('omp_wait_policy') or 'unset'})",
         f"GPU           : {d['gpu'] or 'none'}",
         "",
         f"{'op':<22}{'on CPU tensors':<18}{'on CUDA tensors':<18}backends",

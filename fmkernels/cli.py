@@ -19,30 +19,26 @@ info | bench.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import json
+import sys
+import typing
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spin-waiting threads slow shared machines
+import fmkernels  # first: sets OMP_WAIT_POLICY for the fmk command before torch loads (fmkernels/_cli_env.py)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import typing  # noqa: E402
-
-import fmkernels  # noqa: E402
-
-from ._info import format_info, format_op_files, op_files  # noqa: E402
-from .bench import run_benchmarks  # noqa: E402
-from .data.corpus import CorpusError  # noqa: E402
-from .models.config import ConfigError  # noqa: E402
-from .train import compress, train  # noqa: E402
-from .train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from .train.config import SECTIONS, TrainConfig, field_help  # noqa: E402
-from .train.evaluate import evaluate_checkpoint, load_model  # noqa: E402
-from .train.finetune import merge_checkpoint  # noqa: E402
-from .train import hf_run, hf_source  # noqa: E402
-from .train.generate import generate, generate_ids  # noqa: E402
-from .train.minilm import MiniLMConfig, finetune_minilm  # noqa: E402
+from ._info import format_info, format_op_files, op_files
+from .bench import BenchError, run_benchmarks
+from .data.corpus import CorpusError
+from .models.config import ConfigError
+from .train import compress, train
+from .train.checkpoint import CheckpointError, resolve_checkpoint
+from .train.config import SECTIONS, TrainConfig, field_help
+from .train.evaluate import evaluate_checkpoint, load_model
+from .train.finetune import merge_checkpoint
+from .train import hf_run, hf_source
+from .train.generate import generate, generate_ids
+from .train.minilm import MiniLMConfig, finetune_minilm
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -394,9 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple:
+    """Errors that mean "the input was wrong" (a path, a value, a checkpoint, a missing extra): every subcommand
+    reports them the same way, `fmk CMD: message` on stderr and exit code 2 (argparse's own usage errors are
+    rc 2 too). Anything else is a bug and keeps its traceback."""
+    return (ConfigError, CorpusError, CheckpointError, BenchError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"fmk {args.cmd}: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ LAYERS = [
 # Sub-layers of train/ (bottom first).
 TRAIN_LAYERS = [
     ("checkpoint", ("checkpoint", "heads", "flops", "generate", "metrics")),
-    ("model source", ("model_source", "hf_source", "optim", "parallel", "rundir", "progress", "signals")),
+    ("run dir", ("rundir", "progress", "plots", "signals")),
+    ("model source", ("model_source", "hf_source", "optim", "parallel")),
     ("config", ("config",)),
     ("converters and features", ("converters", "multitask", "selection", "features")),
     ("loop", ("trainer",)),

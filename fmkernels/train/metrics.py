@@ -1,23 +1,21 @@
 """What a run measures and writes besides checkpoints: the language-model evaluation over validation windows
 (the trainer's and `fmk eval`'s), metrics.csv (one row per log interval and per evaluation), TensorBoard scalars
-when asked for, the loss-curve PNG, the progress bar and the printed summary."""
+when asked for, and the printed summary (the plot: plots.py; the progress bar: progress.py)."""
 from __future__ import annotations
 
 import contextlib
 import csv
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data import bits_per_byte, eval_windows
 
 CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
-              "flops"]
+              "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
 
 
 class Metrics:
@@ -48,37 +46,6 @@ class Metrics:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
             w.writerows(rows)
-
-    def plot(self, title: str) -> Optional[Path]:
-        if not self.enabled or not self.path.exists():
-            return None
-        try:
-            import matplotlib
-        except ImportError:
-            print("matplotlib is not installed (pip install fmkernels[plot]): no loss-curve PNG", flush=True)
-            return None
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        tr = [(int(r["tokens"]), float(r["loss"])) for r in rows if r["loss"] not in ("", "nan")]
-        va = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"] != ""]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if tr:
-            ax.plot(*zip(*tr), label="train loss", lw=1)
-        if va:
-            ax.plot(*zip(*va), "o-", label="validation loss")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("loss (nats / token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        out = self.path.parent / "loss_curve.png"
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
 
 
 @torch.no_grad()
@@ -115,16 +82,9 @@ def lm_eval(model, ids: np.ndarray, token_bytes: np.ndarray, seq_len: int, batch
                 forward_s=fwd_s)
 
 
-def progress_bar(cfg, train_time: float, step: int):
-    """A time-budgeted run (max_time_s) counts seconds of training, so the bar's ETA is real; else steps."""
-    if cfg.max_time_s is not None:
-        return tqdm(total=round(cfg.max_time_s), initial=round(train_time), unit="s", dynamic_ncols=True,
-                    file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list) -> list[str]:
-    """The printed summary of a run (extra: the loop features' lines)."""
+def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list, best_what: str = "") -> list[str]:
+    """The printed summary of a run (extra: the loop features' lines; best_what: what the periodic evaluations
+    covered)."""
     lines = [
         "", "=== fmk train summary ===",
         f"stopped: {s['stop_reason']} at step {s['step']} (exit code {s['exit_code']})",
@@ -134,10 +94,25 @@ def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list) -> list[s
     if "val_bpb" in s:
         lines.append(f"validation (full split): loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits per byte")
     if s.get("best_val_bpb") is not None:
-        lines.append(f"best validation bits per byte: {s['best_val_bpb']:.4f}")
+        lines.append(f"best periodic validation bits per byte ({best_what}): {s['best_val_bpb']:.4f}")
     lines += extra
     lines.append(f"checkpoint: {s.get('checkpoint')}")
     lines.append(f"metrics: {out / 'metrics.csv'}; loss curve: {s.get('loss_curve')}")
     if s.get("sample") is not None:
         lines += ["--- sample ---", sample_prompt + s["sample"], "--------------"]
     return lines
+
+
+def run_title(cfg, mcfg) -> str:
+    """The loss plot's title: preset, implementation, shape, tokenizer, corpus."""
+    tok = f"{cfg.tokenizer} tokenizer" + (f" {mcfg.vocab_size}" if cfg.tokenizer == "bpe" else "")
+    return f"{cfg.preset} ({cfg.model_impl}, dim {mcfg.dim} x {mcfg.n_layers} layers), {tok}; {cfg.corpus}"
+
+
+def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
+    """The run's first log line: model, corpus, world, threads, dtype."""
+    return (f"fmk train: {cfg.model_impl} model preset={cfg.preset} {n_params / 1e6:.2f}M params "
+            f"(dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads / {mcfg.n_kv_heads} kv, "
+            f"vocab {mcfg.vocab_size}); corpus {cfg.corpus} hash {data.corpus_hash[:16]} "
+            f"({len(data.train):,} train / {len(data.val):,} val tokens, {data.n_docs[0]}/{data.n_docs[1]} docs); "
+            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}")

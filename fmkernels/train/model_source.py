@@ -27,6 +27,7 @@ from ..nn.lora import _matches, _targets, apply_lora, merge_lora
 from ..nn.quantized import Int4Linear, Int8Linear
 from ..nn.sparse import SparseLinear
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .rundir import as_trained
 
 
 # ---------------------------------------------------------------------------------------------------- structure
@@ -218,6 +219,11 @@ class ModelSource:
     def describe(self) -> Optional[str]:
         return None
 
+    def record(self, cfg, mcfg, tokenizer):
+        """The config to record in state.json / the log / the plot: by default `cfg`; a source whose model is not
+        the config's (a checkpoint) returns cfg with the model and tokenizer fields of what was built."""
+        return cfg
+
     def prepare_data(self, cfg, log):
         """The run's data when the source defines it (a pretrained model's tokenizer and packed documents:
         an object with the DataBundle fields plus sampler(...) and evaluate(...)); None: the trainer's corpus."""
@@ -283,6 +289,9 @@ class CheckpointSource(_TransformerSource):
 
     def describe(self) -> str:
         return f"fine-tuning from {self.pre['path']} (architecture and tokenizer from the checkpoint)"
+
+    def record(self, cfg, mcfg, tokenizer):
+        return as_trained(cfg, mcfg, tokenizer, self.pre["checkpoint"]["state"].get("config"))
 
 
 _SOURCES: list[tuple[str, Callable, Callable]] = [

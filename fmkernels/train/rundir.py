@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,6 +44,12 @@ def choose_out_dir(out_dir: str, default_out_dir: str, resume: bool) -> tuple[st
                  f"(--resume continues {out_dir}; --out_dir picks a directory)")
 
 
+def run_out_dir(cfg, default_out_dir: str):
+    """(cfg with the directory this run writes to, the note of choose_out_dir or None)."""
+    out_dir, note = choose_out_dir(cfg.out_dir, default_out_dir, cfg.resume)
+    return (cfg if out_dir == cfg.out_dir else dataclasses.replace(cfg, out_dir=out_dir)), note
+
+
 def check_out_dir(cfg, out: Path, is_main: bool, note: Optional[str], log: Callable[[str], None]) -> None:
     """A fresh run never mixes with an old one, and never deletes it (the default out_dir moved to a free sibling
     by choose_out_dir; any other out_dir holding a run is refused). note: choose_out_dir's note."""
@@ -56,3 +64,48 @@ def check_out_dir(cfg, out: Path, is_main: bool, note: Optional[str], log: Calla
         return
     raise ConfigError(f"config: out_dir {cfg.out_dir!r} already holds a run; pass --resume to continue it "
                       f"or choose another out_dir")
+
+
+def finished_reason(max_steps: int, max_time_s: Optional[float], step: int, train_time_s: float) -> Optional[str]:
+    """Why a run resumed at (step, train_time_s) has nothing left to do, or None."""
+    if max_time_s is not None and train_time_s >= max_time_s:
+        return f"its training budget max_time_s={max_time_s:g} is spent ({train_time_s:.0f} s, step {step})"
+    if step >= max_steps:
+        return f"it reached max_steps={max_steps} (step {step})"
+    return None
+
+
+def previous_summary(out_dir) -> Optional[dict]:
+    """summary.json of a run that ended normally (exit code 0), else None."""
+    p = Path(out_dir) / "summary.json"
+    try:
+        s = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and s.get("exit_code", 1) == 0 else None
+
+
+def as_trained(cfg, mcfg, tokenizer, source_config: Optional[dict] = None):
+    """A fine-tune's TrainConfig with the fields that describe the model and tokenizer set from what was built
+    (the checkpoint's architecture and tokenizer): state.json, the log line and the plot title then say
+    "tiny, byte" for a tiny byte-level model instead of this run's defaults ("small, bpe"). The model fields are
+    the config fields the model config also has (dim, n_layers, ..., vocab_size)."""
+    kw = {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(cfg) if hasattr(mcfg, f.name)}
+    kind = getattr(tokenizer, "kind", cfg.tokenizer)
+    kw.update(tokenizer=kind, vocab_size=int(tokenizer.vocab_size))
+    preset = (source_config or {}).get("preset")
+    if preset:
+        kw["preset"] = preset
+    return dataclasses.replace(cfg, **kw)
+
+
+def finished_run(cfg, out, step: int, train_time_s: float, log) -> Optional[dict]:
+    """--resume of a run that ended normally and has nothing left to do: say so, touch nothing, return its summary
+    (no second final eval, no duplicate metrics row, no NaN train loss); None when there is training left."""
+    why = finished_reason(cfg.max_steps, cfg.max_time_s, step, train_time_s)
+    prev = previous_summary(out) if why else None
+    if prev is None:
+        return None
+    log(f"--resume: the run in {out} is already finished: {why}. Nothing to do; raise --max_steps "
+        f"(or --max_time_s) to train further. Its summary: {Path(out) / 'summary.json'}")
+    return dict(prev, already_finished=True)

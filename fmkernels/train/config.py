@@ -245,6 +245,8 @@ class LoRASection(Section):
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     lora_targets: str = opt("wqkv,wo,w13,w2", "comma-separated module names (last name component or full path)")
     lora_base: str = opt("dense", "int8 / int4: quantize the frozen base first (QLoRA)", ("dense", "int8", "int4"))
+    lora_group_size: Optional[int] = opt(None, "int4 QLoRA base group size (32/64/128/256); None: per layer the "
+                                         "largest of 128, 64, 32 dividing in_features")
 
     def validate(self):
         if self.lora_rank < 0:
@@ -254,10 +256,40 @@ class LoRASection(Section):
         if not 0 <= self.lora_dropout < 1:
             _bad(self, "lora_dropout", "must be in [0, 1)")
         _choice(self, "lora_base", ("dense", "int8", "int4"))
+        _choice(self, "lora_group_size", (None, 32, 64, 128, 256))
         if self.lora_base != "dense" and self.lora_rank == 0:
             _bad(self, "lora_base", "needs lora_rank > 0 (a quantized base is frozen; only adapters train)")
         if self.lora_rank and getattr(self, "model_impl", "fmkernels") != "fmkernels":
             _bad(self, "lora_rank", "needs model_impl 'fmkernels'")
+
+
+@dataclass
+class HFSection(Section):
+    title, prefix = "pretrained Hugging Face / GGUF decoders (fmk finetune --hf; fmkernels/train/hf_source.py)", ""
+    hf: Optional[str] = opt(None, "a Hugging Face model directory or a .gguf file (Llama, Mistral, Qwen2, Qwen3)")
+    data: Optional[str] = opt(None, ".txt or .jsonl (text, prompt/completion or messages)",
+                              default_text="none: the --corpus documents as text")
+    train_on: str = opt("completion", "loss on completion / assistant tokens only, or on all tokens",
+                        ("completion", "all"))
+    strict: bool = opt(False, "error instead of truncating (with a warning) sequences longer than seq_len / positions")
+
+    def validate(self):
+        _choice(self, "train_on", ("completion", "all"))
+        if self.data is not None and not self.hf:
+            _bad(self, "data", "is for fine-tuning a pretrained model: give --hf PATH too (or use --corpus)")
+        if self.hf is None:
+            return
+        _existing_path(self, "hf", "a Hugging Face model directory or a .gguf file")
+        _existing_path(self, "data", "a .txt or .jsonl file")
+        if getattr(self, "init_from", None) is not None:
+            _bad(self, "hf", "cannot be combined with init_from (--from): one model source")
+        if getattr(self, "model_impl", "fmkernels") != "fmkernels":
+            _bad(self, "model_impl", "must be 'fmkernels' with hf")
+        for name, off in (("tasks", "lm"), ("select_mode", "none"), ("qat", None), ("sparsity", None),
+                          ("int8_training", False), ("aug_crop", 0.0), ("aug_token_dropout", 0.0),
+                          ("aug_span_mask", 0.0), ("aug_rename", 0.0)):
+            if getattr(self, name, off) != off:
+                _bad(self, name, f"is not supported with hf yet (leave it at {off!r})")
 
 
 @dataclass
@@ -376,13 +408,13 @@ class SampleSection(Section):
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "optim": OptimSection, "runtime": RuntimeSection,
-    "transforms": TransformSection, "finetune": FinetuneSection, "lora": LoRASection, "augment": AugmentSection,
+    "transforms": TransformSection, "finetune": FinetuneSection, "lora": LoRASection, "hf": HFSection, "augment": AugmentSection,
     "selection": SelectionSection, "tasks": TaskSection, "run": RunSection, "sample": SampleSection,
 }
 
 
 @dataclass
-class TrainConfig(SampleSection, RunSection, TaskSection, SelectionSection, AugmentSection, LoRASection,
+class TrainConfig(SampleSection, RunSection, TaskSection, SelectionSection, AugmentSection, HFSection, LoRASection,
                   FinetuneSection, TransformSection, RuntimeSection, OptimSection, DataSection, ModelSection):
     """Every field of every section, flat."""
 

@@ -28,8 +28,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], g: t
 
 @torch.no_grad()
 def generate_ids(model, ids: list[int], max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: Optional[int] = 40, seed: int = 0, use_cache: bool = True) -> list[int]:
-    """Token ids in -> the prompt's continuation (max_new_tokens ids). temperature <= 0: greedy."""
+                 top_k: Optional[int] = 40, seed: int = 0, use_cache: bool = True,
+                 stop_id: Optional[int] = None) -> list[int]:
+    """Token ids in -> the prompt's continuation (max_new_tokens ids, or up to and including stop_id).
+    temperature <= 0: greedy."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
@@ -48,6 +50,8 @@ def generate_ids(model, ids: list[int], max_new_tokens: int = 200, temperature: 
             logits = model(idx[:, -L:])[:, -1, :]  # (1, V): the cropped context, re-run
         nxt = _sample(logits, temperature, top_k, g)
         out.append(int(nxt))
+        if stop_id is not None and out[-1] == stop_id:
+            break
         idx = torch.cat([idx, nxt], dim=1)
         if cache is not None and i + 1 < max_new_tokens:
             if cache.length >= L:  # full: refill from the newest half of the context

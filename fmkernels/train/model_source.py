@@ -119,20 +119,35 @@ def attach_lora(model: nn.Module, cfg) -> list[str]:
     base = get("lora_base", "dense") or "dense"
     targets = get("lora_targets", "wqkv,wo,w13,w2")
     if base != "dense":
-        _quantize_targets(model, base, targets)
+        _quantize_targets(model, base, targets, get("lora_group_size", None))
+    splits = None
+    mcfg = getattr(model, "cfg", None)
+    if get("hf") and mcfg is not None:  # one adapter per HF projection (q, k, v / gate, up), as PEFT places them
+        D = mcfg.head_dim
+        parts = {"wqkv": [mcfg.n_heads * D, mcfg.n_kv_heads * D, mcfg.n_kv_heads * D], "w13": [mcfg.ffn_dim] * 2}
+        splits = lambda name: parts.get(name.rsplit(".", 1)[-1])
     try:
         return apply_lora(model, int(get("lora_rank")), float(get("lora_alpha", 16.0)), float(get("lora_dropout", 0.0)),
-                          targets)
+                          targets, splits=splits)
     except ValueError as e:
         raise ConfigError(f"config: lora_targets {targets!r}: {e}") from e
 
 
-def _quantize_targets(model: nn.Module, kind: str, targets: str) -> None:
+def _quantize_targets(model: nn.Module, kind: str, targets: str, group_size: Optional[int] = None) -> None:
+    """int8 / int4 frozen bases for QLoRA; int4 group size: group_size, or per layer the largest of 128, 64, 32
+    dividing in_features (SmolLM2's 576 takes 64)."""
     tg = _targets(targets)
     cls = Int8Linear if kind == "int8" else Int4Linear
     for name, mod in list(model.named_modules()):
         if is_dense_linear(mod) and _matches(name, tg):
-            _set(model, name, cls.from_float(mod))
+            if cls is Int4Linear:
+                g = group_size or next((v for v in (128, 64, 32) if mod.in_features % v == 0), 128)
+                if mod.in_features % g:
+                    raise ConfigError(f"config: lora_group_size {g} must divide in_features {mod.in_features} of "
+                                      f"{name} (int4 QLoRA base)")
+                _set(model, name, cls.from_float(mod, group_size=g))
+            else:
+                _set(model, name, cls.from_float(mod))
 
 
 def merge_to_dense(model: nn.Module) -> nn.Module:
@@ -212,6 +227,18 @@ class ModelSource:
         the config's (a checkpoint) returns cfg with the model and tokenizer fields of what was built."""
         return cfg
 
+    def prepare_data(self, cfg, log):
+        """The run's data when the source defines it (a pretrained model's tokenizer and packed documents:
+        an object with the DataBundle fields plus sampler(...) and evaluate(...)); None: the trainer's corpus."""
+        return None
+
+    def checkpoint_state(self) -> dict:
+        """Extra entries for every checkpoint's state.json (e.g. the base model a LoRA checkpoint needs)."""
+        return {}
+
+    def check_checkpoint(self, ck: dict) -> None:
+        """Refuse a checkpoint made for another model (raise ConfigError); called before a resume loads it."""
+
 
 class _TransformerSource(ModelSource):
     """Our Transformer (model_impl fmkernels) or its plain twin (model_impl plain, stored in the fmk layout)."""
@@ -276,7 +303,7 @@ _SOURCES: list[tuple[str, Callable, Callable]] = [
 ]
 # Modules that register further sources, imported on the first model_source_for call (optional dependencies
 # such as transformers load only then). One line per source module.
-SOURCE_MODULES: list[str] = []
+SOURCE_MODULES: list[str] = ["fmkernels.train.hf_source"]
 
 
 def register_model_source(name: str, match: Callable, factory: Callable, first: bool = False) -> None:

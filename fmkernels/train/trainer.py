@@ -115,7 +115,7 @@ class Trainer:
                 nonfinite_in_a_row=self.nonfinite, data_position={"sampler": "step-keyed", "step": self.step},
                 scheduler={"kind": "warmup_cosine", "step": self.step, "lr": self.lr},
                 config=self.cfg.to_dict(), model_config=self.mcfg.to_dict(), corpus_hash=self.data.corpus_hash,
-                world=self.info.world,
+                world=self.info.world, **self.source.checkpoint_state(),
             )
             path = ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, state, self.data.tokenizer,
                                         keep_last=self.cfg.keep_last)
@@ -131,6 +131,10 @@ class Trainer:
         model = self.model if self.info.mode == "fsdp" else unwrap(self.model)
         was_training = model.training
         model.eval()
+        if hasattr(self.data, "evaluate"):  # data that scores itself (label masks, packed documents)
+            r = self.data.evaluate(model, self.cfg.batch_size, max_tokens, self.autocast)
+            model.train(was_training)
+            return r["loss"], r["bpb"]
         r = lm_eval(model, self.data.val, self.data.token_bytes, self.cfg.seq_len, self.cfg.batch_size, self.device,
                     self.autocast, max_tokens)
         model.train(was_training)
@@ -147,6 +151,9 @@ class Trainer:
         opts = {}
         for f in self.features:
             opts.update(f.data_options())
+        own = self.source.prepare_data(cfg, self.log if self.info.is_main else (lambda m: None))
+        if own is not None:  # e.g. a pretrained model's packed documents (fmkernels/data/sft.py)
+            return own
         tok_dir = self.source.tokenizer_dir()
         return prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
                             cfg.text_field, log=self.log if self.info.is_main else (lambda m: None),
@@ -177,7 +184,10 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.opt = make_optimizer(self.model, cfg, fsdp=info.mode == "fsdp", n_layers=self.mcfg.n_layers)
-        self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
+        if hasattr(self.data, "sampler"):  # data with its own step-keyed sampler (packed documents)
+            self.sampler = self.data.sampler(cfg.batch_size, cfg.grad_accum, cfg.seed, info.rank, info.world)
+        else:
+            self.sampler = BatchSampler(self.data.train, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
         for f in self.features:
             self.sampler = f.sampler(self.sampler)
         self.flops_per_step = train_flops_per_token(self.mcfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len \
@@ -211,6 +221,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             return
         st = ck["state"]
+        self.source.check_checkpoint(ck)
         if st.get("corpus_hash") != self.data.corpus_hash:
             self.log("WARNING: the checkpoint was trained on a different corpus (hash differs)")
         self.load_states(ck["model"], ck["optimizer"])
@@ -233,8 +244,8 @@ class Trainer:
         model = self.model
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = self.sampler.batch(self.step, micro)
-            cu = self._documents(y)  # pack_mode=document: where the windows split into documents (else None)
+            x, y, *docs = self.sampler.batch(self.step, micro)  # a packed-document sampler adds its cu_seqlens
+            cu = docs[0] if docs else self._documents(y)  # pack_mode=document: where windows split into documents
             for f in self.features:  # training batches only
                 x, y = f.batch(x, y, self.step, micro)
             x, y = x.to(self.device), y.to(self.device)

@@ -1,5 +1,7 @@
 """int8 weight-only GEMM (W8A16) in Triton on the "wo8" layout (fmkernels/reference/quant.py): weight bytes are
-loaded and dequantized in registers, (u - 128) * scale[g, n], then an fp32 (or bf16/fp16 on GPU) tl.dot.
+loaded and dequantized in registers, (u - 128) * scale[g, n], then a tl.dot on the tensor cores (bf16/fp16 operands;
+fp32 ones as tf32: its 2^-11 rounding is below the int8 weights' quantization step; plain fp32 under the CPU
+interpreter). 64-row tiles use 8 warps, as int4's do (4 warps spill there).
 B[n, k] byte: ((n // 16) * (K / 4) + k // 4) * 64 + (n % 16) * 4 + k % 4."""
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ def _int8_wo_mm_kernel(
     X, W, SCALE, BIAS, C,
     M, N, K, NP, G,
     stride_xm, stride_cm,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -31,10 +33,10 @@ def _int8_wo_mm_kernel(
         u = tl.load(W + off, mask=wmask, other=128).to(tl.int32)
         s = tl.load(SCALE + (rk[:, None] // G) * NP + rn[None, :], mask=wmask, other=0.0)
         w = (u - 128).to(tl.float32) * s  # (BLOCK_K, BLOCK_N)
-        if FP32_DOT:
+        if IEEE_DOT:  # the CPU interpreter: plain fp32
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
+        else:  # tensor cores: bf16/fp16 operands, fp32 ones as tf32
+            acc += tl.dot(x, w.to(x.dtype), input_precision="tf32")
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * stride_cm + rn[None, :], acc.to(C.dtype.element_ty),
@@ -48,12 +50,13 @@ def int8_weight_only_mm_triton(x, w_packed, scale, group_size, n, bias):
         return c
     interp = x.device.type == "cpu"
     BM, BN, BK = (16, 32, 32) if interp else ((16 if M <= 16 else 64), 64, 64)
+    warps = 8 if BM == 64 and not interp else 4
     grid = (triton.cdiv(M, BM), triton.cdiv(n, BN))
     _int8_wo_mm_kernel[grid](
         x, w_packed, scale, bias if bias is not None else scale, c,
         M, n, K, w_packed.shape[0] * 16, group_size,
         x.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, FP32_DOT=interp or x.dtype == torch.float32,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        HAS_BIAS=bias is not None, IEEE_DOT=interp,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
     )
     return c

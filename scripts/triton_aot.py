@@ -155,12 +155,13 @@ def build_specs() -> list[Spec]:
     specs.append(Spec("int8_mm", "_quantize_rows_kernel", matmul=False, variants=[
         Variant(f"{dt} BLOCK=4096", {"X": DTYPE_PTR[dt], "Q": "*i8", "S": "*fp32"}, dict(BLOCK=4096))
         for dt in ("fp32", "bf16", "fp16")]))
-    # ---- int8 weight-only (W8A16), where present: its launcher's (16 if M <= 16 else 64, 64, 64), 4 warps, and
-    # FP32_DOT (an IEEE fp32 dot) for fp32 activations
+    # ---- int8 weight-only (W8A16): its launcher's (16 if M <= 16 else 64, 64, 64), 8 warps at 64 rows; fp32
+    # activations dot in tf32 on the GPU (IEEE only under the interpreter)
     if (ROOT / "fmkernels" / "triton" / "int8_weight_only_mm.py").exists():
         variants = [Variant(f"{dt} {BM}x64x64", {"X": DTYPE_PTR[dt], "W": "*u8", "SCALE": "*fp32",
                                                   "BIAS": DTYPE_PTR[dt], "C": DTYPE_PTR[dt]},
-                            dict(HAS_BIAS=True, FP32_DOT=dt == "fp32", BLOCK_M=BM, BLOCK_N=64, BLOCK_K=64))
+                            dict(HAS_BIAS=True, IEEE_DOT=False, BLOCK_M=BM, BLOCK_N=64, BLOCK_K=64),
+                            8 if BM == 64 else 4)
                     for dt in ("fp32", "bf16", "fp16") for BM in (16, 64)]
         specs.append(Spec("int8_weight_only_mm", "_int8_wo_mm_kernel", matmul=True, variants=variants))
     # ---- int4 weight-only: (16 if M <= 16 else 64, 64, 64); fp32 activations dot in tf32 on the GPU

@@ -429,7 +429,7 @@ def test_auto_dispatch_decoding(monkeypatch):
     "Hq,Hkv,Nq,Nk,D,causal,window",
     [
         (4, 4, 1, 600, 64, True, (-1, -1)),  # several key chunks and softmax sub-blocks
-        (8, 2, 3, 301, 40, True, (-1, -1)),  # GQA rows share keys; odd D and Nk
+        (8, 2, 3, 301, 40, True, (-1, -1)),  # GQA rows share keys; D not a multiple of 16, odd Nk
         (8, 1, 16, 77, 128, False, (-1, -1)),
         # window: early keys unseen. Forward only: the tiled fp32 backward misses the dq budget by 3% at this
         # shape even given the exact O and lse (2.68e-6 vs 2.60e-6), a backward matter, not the decoding path's

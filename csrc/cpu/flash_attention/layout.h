@@ -1,0 +1,224 @@
+// Operand layouts, built once per call with ATen or AVX-512 loops (linear in N): row views of (B, H, N, D)
+// tensors read in place, padded copies, K^T panels, bf16 pair panels, per-segment packing, output stores.
+#pragma once
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/flash_attention/mask.h"
+
+namespace fmk::cpu::flash_attn {
+namespace {
+
+// Rows of a (B, H, N, D) operand with a unit stride along d: row r of head bh = b * H + h at
+// p + b * sb + h * sh + r * sn. Lets the kernels read q, k, v, dO in place whatever their other strides (e.g.
+// transposed (B, N, H, D) projections, where the copies cost ~1.3 ms each way per (8, 6, 256, 64) fp32 call).
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t H, sb, sh, sn;
+  const T* row(int64_t bh, int64_t r) const { return p + (bh / H) * sb + (bh % H) * sh + r * sn; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& x) {
+  return {x.const_data_ptr<T>(), x.size(1), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// Writable rows of a (B, H, N, D) view with a unit d stride: row r of (b, h) at p + b * sb + h * sh + r * sn.
+template <typename T>
+struct OutRows {
+  T* p;
+  int64_t sb, sh, sn;
+  T* row(int64_t b, int64_t h, int64_t r) const { return p + b * sb + h * sh + r * sn; }
+};
+template <typename T>
+OutRows<T> out_rows(at::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// ================================================================ layouts (ATen, once per call)
+
+// x (B, H, N, D) any strides/dtype -> `dtype` (B, H, Np, Dp) contiguous, zero padded (no copy when it already
+// is). The zero fill only when there is padding (7 needless fills per layer cost 3.7 ms of a 550 ms bf16 step).
+at::Tensor padded(const at::Tensor& x, int64_t Np, int64_t Dp, at::ScalarType dtype) {
+  const int64_t N = x.size(2), D = x.size(3);
+  if (x.scalar_type() == dtype && x.is_contiguous() && N == Np && D == Dp) return x;
+  const auto opts = x.options().dtype(dtype);
+  at::Tensor out = (N == Np && D == Dp) ? at::empty({x.size(0), x.size(1), Np, Dp}, opts)
+                                        : at::zeros({x.size(0), x.size(1), Np, Dp}, opts);
+  out.narrow(2, 0, N).narrow(3, 0, D).copy_(x);
+  return out;
+}
+at::Tensor padded_f32(const at::Tensor& x, int64_t Np, int64_t Dp) { return padded(x, Np, Dp, at::kFloat); }
+at::Tensor padded_bf16(const at::Tensor& x, int64_t Np, int64_t Dp) { return padded(x, Np, Dp, at::kBFloat16); }
+
+// x as fp32 rows for the fp32 kernels: in place when it already is fp32 with N = Np, D = Dp and a unit d stride
+// (any other strides), else a padded contiguous copy. `keep` holds whichever tensor the rows point into.
+Rows<float> rows_f32(const at::Tensor& x, int64_t Np, int64_t Dp, at::Tensor& keep) {
+  const bool in_place = x.scalar_type() == at::kFloat && x.size(2) == Np && x.size(3) == Dp && x.stride(3) == 1;
+  keep = in_place ? x : padded_f32(x, Np, Dp);
+  return rows_of<float>(keep);
+}
+
+// fp32 (B, H, Np, Dp) -> per key block (D, BK) panels: (B, H, Np/BK, Dp, BK).
+at::Tensor block_transpose(const at::Tensor& x) {  // any input strides
+  return x.unflatten(2, {x.size(2) / BK, BK}).transpose(3, 4).contiguous();
+}
+
+// bf16 (B, H, Np, Dp) -> pair panels over d, per key block: (B, H, Np/BK, Dp/2, BK, 2). A 32-bit transpose of
+// each (BK, Dp/2) block; ATen's generic permute copy took 2.7 ms for (4, 8, 1024, 64) on 1 core, this ~0.3 ms.
+template <int64_t P>
+static inline void transpose_block_u32(const uint32_t* s, uint32_t* d, int64_t p_dyn) {
+  const int64_t np = P > 0 ? P : p_dyn;
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t j = 0; j < BK; ++j) d[p * BK + j] = s[j * np + p];
+}
+FMK_AVX512 void pairs_over_d_avx512(const uint32_t* s, uint32_t* d, int64_t np) {
+  if (np == 32)
+    transpose_block_u32<32>(s, d, np);
+  else
+    transpose_block_u32<0>(s, d, np);
+}
+void pairs_over_d_portable(const uint32_t* s, uint32_t* d, int64_t np) { transpose_block_u32<0>(s, d, np); }
+
+at::Tensor pairs_over_d(const at::Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
+  at::Tensor out = at::empty({B, H, nb, np, BK, 2}, x.options());
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x.const_data_ptr<bf16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if (vec)
+        pairs_over_d_avx512(src + blk * BK * np, dst + blk * BK * np, np);
+      else
+        pairs_over_d_portable(src + blk * BK * np, dst + blk * BK * np, np);
+    }
+  });
+  return out;
+}
+
+// bf16 (B, H, Np, Dp), Np even -> pair panels over rows: (B, H, Np/2, Dp, 2) (rows 2i and 2i+1 interleaved).
+static inline void interleave_rows_u16(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  for (int64_t i = 0; i < rows2; ++i) {
+    const uint16_t* a = s + 2 * i * Dp;
+    const uint16_t* b = a + Dp;
+    uint32_t* o = d + i * Dp;
+    for (int64_t j = 0; j < Dp; ++j) o[j] = static_cast<uint32_t>(a[j]) | (static_cast<uint32_t>(b[j]) << 16);
+  }
+}
+FMK_AVX512 void pairs_over_rows_avx512(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  interleave_rows_u16(s, d, rows2, Dp);
+}
+void pairs_over_rows_portable(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+  interleave_rows_u16(s, d, rows2, Dp);
+}
+
+at::Tensor pairs_over_rows(const at::Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3);
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % 2 == 0);
+  at::Tensor out = at::empty({B, H, Np / 2, Dp, 2}, x.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const bool vec = use_avx512();
+  const int64_t chunk = 32;  // row pairs per work item
+  const int64_t total = B * H * Np / 2, nchunks = (total + chunk - 1) / chunk;
+  at::parallel_for(0, nchunks, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * chunk, n = std::min(chunk, total - i0);
+      if (vec)
+        pairs_over_rows_avx512(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+      else
+        pairs_over_rows_portable(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+    }
+  });
+  return out;
+}
+
+// dst[i][j] = src[i][j] * mul for i < m, j < d (fp32 -> T, row strides lds / ldd).
+template <typename T>
+FMK_AVX512 void store_rows_avx512(const float* src, int64_t lds, int64_t m, int64_t d, float mul, T* dst,
+                                  int64_t ldd) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) store16(dst + i * ldd + j, _mm512_mul_ps(_mm512_loadu_ps(src + i * lds + j), vm));
+    if (j < d) {
+      const __mmask16 k = tail_mask(d - j);
+      store16(dst + i * ldd + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + i * lds + j), vm), k);
+    }
+  }
+}
+
+template <typename T>
+void store_rows(bool vec, const float* src, int64_t lds, int64_t m, int64_t d, float mul, T* dst, int64_t ldd) {
+  if (vec) return store_rows_avx512(src, lds, m, d, mul, dst, ldd);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < d; ++j) dst[i * ldd + j] = static_cast<T>(src[i * lds + j] * mul);
+}
+
+// x (B, H, N, D) any strides (unit d stride) -> `dtype` (B, H, NP, Dp) contiguous, each segment's rows
+// [src, src + n) copied to [dst, dst + n), zero elsewhere. keys: the key side (ko -> k0; segments padded to BK
+// rows), else the query side (q0 -> qp0; padded to BQ). One pass, row by row, parallel over (segment, head):
+// ATen's copy of the transposed (total, H, D) view with a zero fill took ~2x longer (8 x 1024 rows, H8 D64).
+template <typename T, typename U>
+void pack_rows(const T* src, int64_t ssb, int64_t ssh, int64_t ssn, const std::vector<Seg>& segs, bool keys,
+               int64_t H, int64_t NP, int64_t D, int64_t Dp, U* dst) {
+  at::parallel_for(0, int64_t(segs.size()) * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const Seg& s = segs[task / H];
+      const int64_t h = task % H, n = keys ? s.nk : s.nq, rows = round_up(n, keys ? BK : BQ);
+      const T* sp = src + s.b * ssb + h * ssh + (keys ? s.ko : s.q0) * ssn;
+      U* dp = dst + ((s.b * H + h) * NP + (keys ? s.k0 : s.qp0)) * Dp;
+      for (int64_t r = 0; r < rows; ++r) {
+        U* d = dp + r * Dp;
+        int64_t j = 0;
+        if (r < n) {
+          const T* x = sp + r * ssn;
+          if constexpr (std::is_same_v<T, U>) {
+            std::memcpy(d, x, D * sizeof(T));
+            j = D;
+          } else {
+            for (; j < D; ++j) d[j] = static_cast<U>(static_cast<float>(x[j]));
+          }
+        }
+        for (; j < Dp; ++j) d[j] = U(0.0f);
+      }
+    }
+  });
+}
+
+at::Tensor pack_segments(const at::Tensor& x0, const std::vector<Seg>& segs, bool keys, int64_t NP, int64_t Dp,
+                         at::ScalarType dtype) {
+  const at::Tensor x = x0.stride(3) == 1 ? x0 : x0.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
+  int64_t covered = 0;
+  for (const Seg& s : segs) covered += round_up(keys ? s.nk : s.nq, keys ? BK : BQ);
+  at::Tensor out = covered == B * NP ? at::empty({B, H, NP, Dp}, x.options().dtype(dtype))
+                                     : at::zeros({B, H, NP, Dp}, x.options().dtype(dtype));
+  FMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pack_segments", [&] {
+    const scalar_t* sp = x.const_data_ptr<scalar_t>();
+    if (dtype == at::kFloat)
+      pack_rows<scalar_t, float>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                 out.data_ptr<float>());
+    else
+      pack_rows<scalar_t, bf16>(sp, x.stride(0), x.stride(1), x.stride(2), segs, keys, H, NP, D, Dp,
+                                out.data_ptr<bf16>());
+  });
+  return out;
+}
+
+// True when every segment's keys already sit where the padded key layout puts them (each sequence a whole
+// number of key blocks): the fp32 path then reads k / v in place, as for a dense batch.
+bool keys_in_place(const std::vector<Seg>& segs, int64_t NK, int64_t NKP) {
+  if (NK != NKP) return false;
+  for (const Seg& s : segs)
+    if (s.k0 != s.ko || s.nk % BK != 0) return false;
+  return true;
+}
+
+}  // namespace
+}  // namespace fmk::cpu::flash_attn

@@ -242,6 +242,8 @@ def _blocks(D: int, device: torch.device, dtype: torch.dtype = torch.float16,
         if dtype == torch.float32:
             return 32, 32, block_d, 4
         return (64, 32, block_d, 4) if block_d <= 64 else ((64, 32, block_d, 8) if block_d <= 128 else (32, 32, block_d, 8))
+    if block_d <= 32:  # 64x64 spilled 2 local stores in the varlen-capable forward (bf16/fp16, sm_80)
+        return 64, 32, block_d, 4
     if block_d <= 64:
         return 64, 64, block_d, 4
     if block_d <= 128:

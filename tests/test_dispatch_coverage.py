@@ -111,6 +111,18 @@ def _attention(dt):
     return ops.flash_attention(q, k, v, causal=True), (q, k, v)
 
 
+def _attention_varlen(dt):
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)  # lengths 3, 0, 4
+    q, k, v = _f((7, 2, 16), dt), _f((7, 1, 16), dt), _f((7, 1, 16), dt)
+    return ops.flash_attention_varlen(q, k, v, cu, cu, 4, 4, causal=True), (q, k, v)
+
+
+def _attention_seqused(dt):
+    q, k, v = _f((2, 2, 5, 16), dt), _f((2, 1, 5, 16), dt), _f((2, 1, 5, 16), dt)
+    used = torch.tensor([5, 3], dtype=torch.int32)
+    return ops.flash_attention(q, k, v, causal=True, seqused_k=used), (q, k, v)
+
+
 def _rms(dt):
     x, w = _f((3, 32), dt), _f((32,), dt)
     return fk.rms_norm(x, w), (x, w)
@@ -178,6 +190,12 @@ def _int4(dt):
     return ops.int4_mm(x, packed, scale, zero, 32, 16, None), (x,)
 
 
+def _int8_weight_only(dt):
+    x = _f((5, 32), dt)
+    packed, scale, G = ops.int8_weight_only_quantize(torch.randn(16, 32))
+    return ops.int8_weight_only_mm(x, packed, scale, G, 16), (x,)
+
+
 def _fp8(dt):
     a, sa = ops.fp8_quantize(torch.randn(5, 32))
     b, sb = ops.fp8_quantize(torch.randn(16, 32))
@@ -207,6 +225,8 @@ def _int8_training(dt):
 
 CASES = [
     ("flash_attention", ("flash_attention",), FLOATS, _attention),
+    ("flash_attention_varlen", ("flash_attention_varlen",), FLOATS, _attention_varlen),
+    ("flash_attention_seqused", ("flash_attention_seqused",), FLOATS, _attention_seqused),
     ("rms_norm", ("rms_norm",), FLOATS, _rms),
     ("rope", ("rope",), FLOATS, _rope),
     ("swiglu", ("swiglu",), FLOATS, _swiglu),
@@ -218,6 +238,7 @@ CASES = [
     ("int8_mm", ("int8_mm",), FLOATS + (torch.int32,), _int8_mm),
     ("int8_linear", ("int8_linear",), FLOATS, _int8_linear),
     ("int4_mm", ("int4_mm",), FLOATS, _int4),
+    ("int8_weight_only_mm", ("int8_weight_only_mm",), FLOATS, _int8_weight_only),
     ("fp8_mm", ("fp8_mm",), FLOATS, _fp8),
     ("quantize_per_row", ("quantize_per_row",), FLOATS, _qpr),
     ("lora_int8", ("int8_linear",), FLOATS, _lora(Int8Linear)),
@@ -226,7 +247,12 @@ CASES = [
 ]
 # On CUDA these ops' "reference" is PyTorch's own GPU kernel and the right choice: no fmkernels GPU backend is
 # registered for them on purpose.
-REFERENCE_IS_GPU = {"linear": "F.linear is cuBLAS on CUDA tensors (fmkernels adds only a CPU backend)"}
+REFERENCE_IS_GPU = {
+    "linear": "F.linear is cuBLAS on CUDA tensors (fmkernels adds only a CPU backend)",
+    # no GPU kernel for key ranges yet: the reference builds the (B, 1, Nq, Nk) range mask and runs PyTorch's GPU
+    # ops (correct; a padded batch on a GPU is better sent through flash_attention_varlen)
+    "flash_attention_seqused": "the reference runs PyTorch's GPU ops over the key-range mask (no GPU kernel yet)",
+}
 # CPU-only fmkernels ops that the walked code calls only after checking the tensors' own device (which is CPU in
 # this walk): each gate is checked below with meta tensors standing in for CUDA ones.
 CPU_GATED = {

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import attention_varlen as ref
@@ -60,25 +60,34 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, scale, window_left, window_right)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fmkernels.flash_attention_varlen_bwd(
-        grad_out.to(q.dtype), q, k, v, out, lse, cu_q, cu_k, *ctx.args
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
+def _make_backward(bwd):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = bwd(grad_out.to(q.dtype), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("fmkernels::flash_attention_varlen_fwd", _backward, setup_context=_setup_context)
+BWD = _autograd.backward("flash_attention_varlen", _setup_context, _make_backward)  # one backward, every forward
+BWD.attach("fmkernels::flash_attention_varlen_fwd", torch.ops.fmkernels.flash_attention_varlen_bwd)
 
 
 def _compiled(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
     return torch.ops.fmkernels.flash_attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
 
 
-def _triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
+def triton_module():
+    """fmkernels/triton/flash_attention_varlen.py with this op's backward attached (imported on first use: triton is
+    optional)."""
     from ..triton import flash_attention_varlen as tri
 
-    return tri.flash_attention_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+    BWD.attach(tri.flash_attention_varlen_fwd_triton, tri.flash_attention_varlen_bwd_triton)
+    return tri
+
+
+def _triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
+    return triton_module().flash_attention_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
 
 
 def _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):

@@ -45,18 +45,3 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
       window_right):
     return (torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype),
             torch.empty(v.shape, device=v.device, dtype=v.dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, window_left, window_right)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = flash_attention_varlen_bwd_triton(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-flash_attention_varlen_fwd_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -140,28 +140,11 @@ Int4Kernel pick_int4(int mr, int nb) {
 }
 
 void int4_gemm(const Int4Args& p, int64_t R) {
-  const int64_t nblk16 = p.Np / 16;
-  const int64_t npanel = (nblk16 + kNB - 1) / kNB;
-  const int64_t nthr = at::get_num_threads();
-  int64_t mchunks = 1;
-  if (npanel < 4 * nthr && R > kMR) mchunks = std::min<int64_t>((R + kMR - 1) / kMR, (4 * nthr + npanel - 1) / npanel);
-  const int64_t mstep = round_up((R + mchunks - 1) / mchunks, kMR);
-  mchunks = (R + mstep - 1) / mstep;
-  const bool vnni = use_avx512_vnni(), avx2 = use_avx2();
-  at::parallel_for(0, npanel * mchunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t pn = t / mchunks, mc = t % mchunks;
-      const int64_t mb = mc * mstep, me = std::min(R, mb + mstep);
-      const int64_t b0 = pn * kNB;
-      const int nb = static_cast<int>(std::min<int64_t>(kNB, nblk16 - b0));
-      if (vnni) {
-        for (int64_t m = mb; m < me; m += kMR)
-          pick_int4(static_cast<int>(std::min<int64_t>(kMR, me - m)), nb)(p, m, b0);
-      } else {
-        for (int j = 0; j < nb; ++j) (avx2 ? int4_avx2 : int4_portable)(p, mb, me, b0 + j);
-      }
-    }
-  });
+  const bool avx2 = use_avx2();
+  quant::weight_panel_gemm(
+      R, p.Np / 16, kNB, kMR, use_avx512_vnni(),
+      [&](int64_t m, int rows, int64_t b0, int nb) { pick_int4(rows, nb)(p, m, b0); },
+      [&](int64_t mb, int64_t me, int64_t b) { (avx2 ? int4_avx2 : int4_portable)(p, mb, me, b); });
 }
 
 // ---------------------------------------------------------------- ops

@@ -10,6 +10,8 @@
 // scale2 = scale / 254, giving ~15 effective activation bits from two int8 rows.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -149,6 +151,33 @@ static inline float quant_row(bool avx512, const T* x, int64_t K, uint8_t* q, in
                               float* scale_lo = nullptr, int32_t* qsum = nullptr) {
   return avx512 ? quant_row_avx512(x, K, q, offset, lo, scale_lo, qsum)
                 : quant_row_portable(x, K, q, offset, lo, scale_lo, qsum);
+}
+
+// Work split of the weight-only GEMMs (int4, int8 weight-only) over R rows and nblk16 16-column blocks: panels of
+// up to nb_max blocks, and, when there are fewer than 4 panels per thread, rows cut into chunks of whole mr-row
+// tiles. tile(m, rows, b0, nb): one tile of `rows` (<= mr) rows at m over blocks [b0, b0 + nb) (the VNNI
+// micro-kernels); block(mb, me, b): rows [mb, me) of block b (the AVX2 / portable fallbacks).
+template <class Tile, class Block>
+void weight_panel_gemm(int64_t R, int64_t nblk16, int64_t nb_max, int64_t mr, bool vnni, Tile tile, Block block) {
+  const int64_t npanel = (nblk16 + nb_max - 1) / nb_max;
+  const int64_t nthr = at::get_num_threads();
+  int64_t mchunks = 1;
+  if (npanel < 4 * nthr && R > mr) mchunks = std::min<int64_t>((R + mr - 1) / mr, (4 * nthr + npanel - 1) / npanel);
+  const int64_t mstep = round_up((R + mchunks - 1) / mchunks, mr);
+  mchunks = (R + mstep - 1) / mstep;
+  at::parallel_for(0, npanel * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pn = t / mchunks, mc = t % mchunks;
+      const int64_t mb = mc * mstep, me = std::min(R, mb + mstep);
+      const int64_t b0 = pn * nb_max;
+      const int nb = static_cast<int>(std::min<int64_t>(nb_max, nblk16 - b0));
+      if (vnni) {
+        for (int64_t m = mb; m < me; m += mr) tile(m, static_cast<int>(std::min<int64_t>(mr, me - m)), b0, nb);
+      } else {
+        for (int j = 0; j < nb; ++j) block(mb, me, b0 + j);
+      }
+    }
+  });
 }
 
 }  // namespace fmk::cpu::quant

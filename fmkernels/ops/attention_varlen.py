@@ -24,7 +24,7 @@ from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import attention_varlen as ref
-from .attention import MAX_HEAD_DIM, _check_window
+from .attention import MAX_HEAD_DIM, _check_window, _head_dim_ok
 
 define(
     "flash_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -94,12 +94,6 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
     return ref.flash_attention_varlen(
         q, k, v, cu_q, cu_k, window_size=(left, right), softmax_scale=scale, return_lse=True
     )
-
-
-def _head_dim_ok(qry: _dispatch.Query) -> Optional[str]:
-    if qry.shape and not 1 <= qry.shape[0] <= MAX_HEAD_DIM:
-        return f"head dim {qry.shape[0]} outside [1, {MAX_HEAD_DIM}]"
-    return None
 
 
 # On GPUs Triton goes first (as for the dense op: the CUDA kernels are plain SIMT and compile-checked only).

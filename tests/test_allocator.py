@@ -20,7 +20,8 @@ def test_bad_arguments_name_the_argument(kw):
         fmkernels.tune_cpu_allocator(**kw)
 
 
-# A "training step": the same few large tensors allocated and freed every step. Minor faults over steps 4-9.
+# A "training step": the same few large tensors allocated and freed every step. Prints the minor faults of each of
+# steps 4-11.
 _PROBE = textwrap.dedent("""
     import resource, sys, torch
     import fmkernels
@@ -34,29 +35,33 @@ _PROBE = textwrap.dedent("""
         c = a[: 4 * 2**20] + 1.0  # 16 MiB
         del a, b, c
     step(), step(), step()
-    f0 = faults()
-    for _ in range(6):
+    per_step = []
+    for _ in range(8):
+        f0 = faults()
         step()
-    print(faults() - f0)
+        per_step.append(faults() - f0)
+    print(*per_step)
 """)
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=REPO, env=env, capture_output=True, text=True,
                          check=True).stdout
-    return int(out.strip().splitlines()[-1])
+    return [int(v) for v in out.strip().splitlines()[-1].split()]
 
 
 @pytest.mark.skipif(_glibc() is None, reason="needs glibc")
 def test_freed_blocks_are_reused_without_page_faults():
-    # default glibc: the 64 and 48 MiB blocks are mmap'd and faulted in again every step (measured: 172k 4 KiB
-    # faults over the 6 steps); tuned: 0 per step once the heap has grown. Aligned allocations fragment glibc's
-    # heap a little, so it may still grow once or twice after warm-up (measured 0-28672 faults over 3 steps).
+    # default glibc: the 64 and 48 MiB blocks are mmap'd and faulted in again every step (measured ~29k 4 KiB faults
+    # in each step); tuned: 0 per step once the heap has grown. Aligned allocations fragment glibc's heap a little,
+    # so it may still grow in one or two steps after warm-up (measured up to 49k faults over 6 steps on a CI
+    # machine), hence the median step: the typical step of a tuned process faults < 1/10 of a default one.
     tuned, default = _faults("tuned"), _faults("default")
-    assert tuned <= default // 4, f"tuned: {tuned} minor faults over 6 steps, default glibc: {default}"
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    assert median(tuned) * 10 <= median(default), f"minor faults per step, tuned: {tuned}, default glibc: {default}"
 
 
 @pytest.mark.skipif(_glibc() is None, reason="needs glibc")

@@ -123,6 +123,28 @@ def test_smoothquant_beats_plain_int8_dynamic():
     assert q.layers[0].o_proj.smooth_inv is None
 
 
+@pytest.mark.parametrize("cfg", [fk.Int8DynamicConfig(smoothquant_alpha=0.5),
+                                 fk.Int4WeightOnlyConfig(group_size=32, method="awq")], ids=["smoothquant", "awq"])
+def test_norm_not_folded_when_a_sibling_layer_is_left_out(cfg):
+    # filter_fn leaves k_proj in float: input_layernorm's output still feeds it, so q/v's scaling must stay in the
+    # layers (folding x / s into the norm would change k_proj's input). Error must stay that of quantizing q/v/...
+    model, x_cal, x_test = Toy(), _inputs(8, 1), _inputs(4, 2)
+    with torch.no_grad():
+        ref = model(x_test)
+    q = copy.deepcopy(model)
+    fk.quantize_(q, cfg, calibration=list(x_cal.split(2)), filter_fn=lambda m, fqn: not fqn.endswith("k_proj"))
+    assert isinstance(q.layers[0].k_proj, nn.Linear)
+    torch.testing.assert_close(q.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.weight)
+    assert q.layers[0].q_proj.smooth_inv is not None
+    with torch.no_grad():
+        k_ref = model.layers[0].k_proj(model.layers[0].input_layernorm(x_test))
+        k_q = q.layers[0].k_proj(q.layers[0].input_layernorm(x_test))
+    torch.testing.assert_close(k_q, k_ref)
+    full, _ = _out_sqnr(cfg)
+    with torch.no_grad():
+        assert T.sqnr(ref, q(x_test)) >= full - 1.0  # one fewer layer quantized: not worse than all of them
+
+
 def test_calibration_callable():
     model = Toy()
     x = _inputs(4, 1)

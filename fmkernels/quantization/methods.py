@@ -80,6 +80,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], calibration: Calibra
     norm_out: dict[int, str] = {}  # id(output tensor) -> norm fqn, for the current batch
     keep: list = []  # the outputs themselves, so their ids are not reused within a batch
     seen_input: dict[int, set] = {}  # id(input tensor) -> layer fqns, current batch
+    shared_norms: set[str] = set()  # norms whose output also feeds a module that is not being quantized
     hooks = []
 
     def norm_hook(fqn):
@@ -120,11 +121,20 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], calibration: Calibra
             keep.append(x)
         return h
 
+    def other_hook(mod, args):
+        # a layer left out by filter_fn (or any other module) reading a norm's output: folding x / s into that norm
+        # would change this module's input too, so that norm is not a fold target
+        for a in args:
+            if isinstance(a, torch.Tensor) and id(a) in norm_out:
+                shared_norms.add(norm_out[id(a)])
+
     for fqn, m in model.named_modules():
         if fqn in layers:
             hooks.append(m.register_forward_hook(lin_hook(fqn)))
         elif _is_norm(m):
             hooks.append(m.register_forward_hook(norm_hook(fqn)))
+        elif next(m.children(), None) is None:
+            hooks.append(m.register_forward_pre_hook(other_hook))
 
     def end_batch():
         for fqns in seen_input.values():
@@ -174,7 +184,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], calibration: Calibra
         raise ValueError(f"{who}: the calibration data never reached layer(s) {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''}; pass batches that run the whole model")
     for st in stats.values():
-        if st.producer == "?":
+        if st.producer == "?" or st.producer in shared_norms:
             st.producer = None
     return stats
 

@@ -244,6 +244,27 @@ def test_lora_on_quantized_base(kind):
         torch.testing.assert_close(merged.weight, q.dequantized_weight() + lora.delta_weight())
 
 
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_qlora_int4_base_any_width(group_size):
+    # dim 80 (no multiple of 128 or 64): int4 groups pad the last one with zeros; the default picks the group that
+    # pads least (80 -> 32: 96), an explicit one is kept (64: 128). Output = dequantized weights times x.
+    from fmkernels.nn.quantized import Int4Linear
+    from fmkernels.train.model_source import attach_lora
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=64, dim=80, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                          max_seq_len=16))
+    attach_lora(model, dict(lora_rank=4, lora_alpha=8.0, lora_base="int4", lora_group_size=group_size))
+    wo = model.layers[0].attn.wo.base
+    assert isinstance(wo, Int4Linear) and wo.group_size == (group_size or 32)
+    x = torch.randn(2, 5, 80)
+    with torch.no_grad():
+        want = x @ wo.dequantized_weight()[:, :80].t()
+        torch.testing.assert_close(wo(x), want, rtol=2e-2, atol=2e-2)
+    loss = model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    loss.backward()
+
+
 def test_lora_trainable_fraction_default_model():
     cfg = TrainConfig()
     model = Transformer(cfg.model_config(cfg.vocab_size))

@@ -245,8 +245,8 @@ class LoRASection(Section):
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     lora_targets: str = opt("wqkv,wo,w13,w2", "comma-separated module names (last name component or full path)")
     lora_base: str = opt("dense", "int8 / int4: quantize the frozen base first (QLoRA)", ("dense", "int8", "int4"))
-    lora_group_size: Optional[int] = opt(None, "int4 QLoRA base group size (32/64/128/256); None: per layer the "
-                                         "largest of 128, 64, 32 dividing in_features")
+    lora_group_size: Optional[int] = opt(None, "int4 QLoRA base group size (32/64/128/256; a partial last group "
+                                         "is zero-padded); None: per layer the one of 128, 64, 32 that pads least")
 
     def validate(self):
         if self.lora_rank < 0:

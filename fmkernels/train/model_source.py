@@ -134,17 +134,15 @@ def attach_lora(model: nn.Module, cfg) -> list[str]:
 
 
 def _quantize_targets(model: nn.Module, kind: str, targets: str, group_size: Optional[int] = None) -> None:
-    """int8 / int4 frozen bases for QLoRA; int4 group size: group_size, or per layer the largest of 128, 64, 32
-    dividing in_features (SmolLM2's 576 takes 64)."""
+    """int8 / int4 frozen bases for QLoRA; int4 group size: group_size, or per layer the one of 128, 64, 32 that pads
+    in_features least, the largest on a tie (SmolLM2's 576 takes 64; Int4Linear zero-pads a partial last group)."""
     tg = _targets(targets)
     cls = Int8Linear if kind == "int8" else Int4Linear
     for name, mod in list(model.named_modules()):
         if is_dense_linear(mod) and _matches(name, tg):
             if cls is Int4Linear:
-                g = group_size or next((v for v in (128, 64, 32) if mod.in_features % v == 0), 128)
-                if mod.in_features % g:
-                    raise ConfigError(f"config: lora_group_size {g} must divide in_features {mod.in_features} of "
-                                      f"{name} (int4 QLoRA base)")
+                k = mod.in_features
+                g = group_size or min((128, 64, 32), key=lambda v: (-(-k // v) * v - k, -v))
                 _set(model, name, cls.from_float(mod, group_size=g))
             else:
                 _set(model, name, cls.from_float(mod))

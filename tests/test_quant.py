@@ -383,6 +383,30 @@ def test_module_state_dict_safetensors_roundtrip(cls, kw, tmp_path):
     T.assert_exact(m2(x), m(x), name=f"{cls.__name__} after safetensors roundtrip")
 
 
+@pytest.mark.parametrize("cls,kw", [(fk.nn.Int8Linear, {}), (fk.nn.Int4Linear, {"group_size": 64}),
+                                    (fk.nn.Int8WeightOnlyLinear, {}), (fk.nn.Float8Linear, {})],
+                         ids=["int8", "int4", "int8wo", "fp8"])
+def test_module_to_float_dtype_keeps_the_format(cls, kw):
+    # model.to(torch.bfloat16) (bf16 activations) must not round the fp32 scales or cast fp8 codes: the format's
+    # buffers keep their dtype, the bias follows; the bf16 output equals the fp32 layer's on bf16-rounded x within
+    # bf16 output rounding (2 ulp).
+    m = cls.from_float(nn.Linear(128, 40), **kw)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.to(torch.bfloat16)
+    for k, v in m.state_dict().items():
+        if k == "bias":
+            assert v.dtype == torch.bfloat16
+        else:
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    x = T.randn(3, 128).bfloat16()
+    m32 = cls.from_float(nn.Linear(128, 40), **kw)
+    m32.load_state_dict(before)
+    want = m32(x.float())
+    got = m(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+
+
 def test_quantized_model_save_load_bit_identical(tmp_path):
     from safetensors.torch import load_file, save_file
 

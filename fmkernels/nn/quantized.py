@@ -43,6 +43,18 @@ class _QuantLinearBase(nn.Module):
     def _smooth_repr(self) -> str:
         return ", input smoothing (per-channel x * smooth_inv)" if self.smooth_inv is not None else ""
 
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16) / .half() / .double() moves the quantized format (weight_* buffers: packed codes,
+        fp32 scales / zeros / compensation) and smooth_inv to the new device but keeps their dtype: the kernels take
+        fp32 scales, and a scale rounded to bf16 would change every output. The bias follows the activations."""
+        keep = {n: b for n, b in self._buffers.items() if b is not None and (n.startswith("weight_") or n == "smooth_inv")}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         t = state_dict.get(prefix + "weight_packed")
         if t is not None and t.dtype != self._packed_dtype:

@@ -230,6 +230,10 @@ def test_kill_and_resume_lora_is_bit_identical(tmp_path, hf_dirs, jsonls):
     straight = tmp_path / "straight"
     r = fmk("finetune", *args, "--out_dir", straight)
     assert r.returncode == 0, r.stderr
+    # the log names the pretrained source and the data file, not a preset the model never came from
+    start = next(line for line in r.stdout.splitlines() if line.startswith("fmk train:"))
+    assert f"model from {os.path.basename(str(hf_dirs['llama']))}" in start and "preset=" not in start, start
+    assert f"corpus {jsonls['pc']}" in start, start
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.Popen([sys.executable, "-m", "fmkernels.cli", "finetune", *map(str, args), "--out_dir", str(killed)],

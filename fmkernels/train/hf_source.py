@@ -13,9 +13,11 @@ permutation is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,9 +234,26 @@ def load_hf_model(path):
     d, gguf = resolve(path)
     load_hf_config(d, gguf)
     kw = dict(gguf_file=gguf) if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(str(d), **kw)
+    with _quiet_progress_bars_unless_tty():
+        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(str(d), **kw)
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars_unless_tty():
+    """transformers' loading bars (GGUF dequantization, weight loading) on a terminal only: into a log file they
+    write one carriage-return stream per bar."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_source(path, seq_len: Optional[int] = 512, strict: bool = False, log=print) -> HFSource:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -103,16 +104,29 @@ def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list, best_what
     return lines
 
 
+def _model_and_data(cfg) -> tuple[str, str]:
+    """(what the weights start from, what the text is): a pretrained HF / GGUF source (--hf) or the preset (also
+    that of a --from checkpoint); --data or the corpus."""
+    src = getattr(cfg, "hf", None)
+    model = f"from {os.path.basename(os.path.normpath(src))}" if src else f"preset={cfg.preset}"
+    return model, getattr(cfg, "data", None) or cfg.corpus
+
+
 def run_title(cfg, mcfg) -> str:
-    """The loss plot's title: preset, implementation, shape, tokenizer, corpus."""
-    tok = f"{cfg.tokenizer} tokenizer" + (f" {mcfg.vocab_size}" if cfg.tokenizer == "bpe" else "")
-    return f"{cfg.preset} ({cfg.model_impl}, dim {mcfg.dim} x {mcfg.n_layers} layers), {tok}; {cfg.corpus}"
+    """The loss plot's title: model source or preset, implementation, shape, tokenizer, corpus."""
+    model, data = _model_and_data(cfg)
+    if getattr(cfg, "hf", None):
+        tok = f"its tokenizer ({mcfg.vocab_size})"
+    else:
+        tok = f"{cfg.tokenizer} tokenizer" + (f" {mcfg.vocab_size}" if cfg.tokenizer == "bpe" else "")
+    return f"{model} ({cfg.model_impl}, dim {mcfg.dim} x {mcfg.n_layers} layers), {tok}; {os.path.basename(data)}"
 
 
 def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
     """The run's first log line: model, corpus, world, threads, dtype."""
-    return (f"fmk train: {cfg.model_impl} model preset={cfg.preset} {n_params / 1e6:.2f}M params "
+    model, corpus = _model_and_data(cfg)
+    return (f"fmk train: {cfg.model_impl} model {model} {n_params / 1e6:.2f}M params "
             f"(dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads / {mcfg.n_kv_heads} kv, "
-            f"vocab {mcfg.vocab_size}); corpus {cfg.corpus} hash {data.corpus_hash[:16]} "
+            f"vocab {mcfg.vocab_size}); corpus {corpus} hash {data.corpus_hash[:16]} "
             f"({len(data.train):,} train / {len(data.val):,} val tokens, {data.n_docs[0]}/{data.n_docs[1]} docs); "
             f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}")

@@ -2,6 +2,7 @@
 op or a module is adding a file (used by fmkernels.ops and fmkernels.nn)."""
 import importlib
 import pkgutil
+import sys
 
 
 def export_submodules(package: str, path, namespace: dict) -> list[str]:
@@ -14,3 +15,10 @@ def export_submodules(package: str, path, namespace: dict) -> list[str]:
             namespace[name] = getattr(mod, name)
             names.append(name)
     return names
+
+
+def alias_modules(package: str, renamed: dict, namespace: dict) -> None:
+    """Keep old module paths importable after a file is renamed to its op's stem: `renamed` maps old -> new
+    submodule name; `import package.old` and `from package import old` give the new module object."""
+    for old, new in renamed.items():
+        namespace[old] = sys.modules[f"{package}.{old}"] = importlib.import_module(f"{package}.{new}")

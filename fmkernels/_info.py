@@ -109,9 +109,13 @@ def _schema_files() -> dict:
         for name in re.findall(r'm\.impl\("(\w+)"', f.read_text(errors="replace")):
             files = out.setdefault(name, [])
             files.append(f)
-            kernel = f.with_name(f.name.replace("_binding.cpp", ".cu"))
-            if kernel != f and kernel.exists():
-                files.append(kernel)
+            stem = f.stem.removesuffix("_binding")
+            # the kernel file of a binding (rope_binding.cpp -> rope.cu), or the op's own (quant_binding.cpp ->
+            # int8_mm.cu), and the sources an op is split into (flash_attention_fwd.cpp, ...)
+            for kernel in [f.with_name(f"{stem}.cu"), f.with_name(f"{name}.cu")] + sorted(f.parent.glob(f"{stem}_*")):
+                if kernel.suffix in (".cpp", ".cu") and not kernel.stem.endswith("_binding") and kernel.exists() \
+                        and kernel not in files:
+                    files.append(kernel)
     return out
 
 
@@ -131,7 +135,7 @@ def op_files() -> dict:
     for name, op in sorted(_dispatch.OPS.items()):
         per = {}
         for bname, b in op.backends.items():
-            files = [PACKAGE.parent / f for f in b.files]
+            files = [PACKAGE.parent / f for f in b.files if (PACKAGE.parent / f).exists()]  # csrc: a checkout
             key = {"cpu": "/cpu/", "cuda": "/cuda/"}.get(bname)
             schema = getattr(getattr(b.fn, "_schema", None), "name", None)  # an OpOverload: fmkernels::name
             if schema is not None and key:

@@ -37,7 +37,9 @@ FILE_OPS = {
     "sparse24_mm": (("sparse24_mm",), "sparse24_mm"),
     "bsr_mm": (("bsr_mm",), "bsr_mm"),
     "rms_norm": (("rms_norm",), "rms_norm"),
-    "fused_train": (("rope", "swiglu", "linear_cross_entropy"), None),
+    "rope": (("rope",), "rope"),
+    "swiglu": (("swiglu",), "swiglu"),
+    "cross_entropy": (("linear_cross_entropy",), "cross_entropy"),
 }
 # Kernels that are no matmul (elementwise/reductions): tensor cores are not expected of them.
 NOT_MATMUL = re.compile(r"quantize_rows|rms_norm|rope|swiglu|ce_chunk")

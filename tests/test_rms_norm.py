@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fmkernels as fk
 from fmkernels import testing as T
-from fmkernels.reference.norm import rms_norm as rms_ref
+from fmkernels.reference.rms_norm import rms_norm as rms_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU_BACKENDS = T.available_backends("rms_norm", "cpu")

@@ -3,7 +3,7 @@
 // the (b, b) block go to shared memory and 256 threads accumulate a (64, b) fp32 tile. Compile-checked here;
 // not yet run on a GPU.
 #include "cuda/common.cuh"
-#include "cuda/sparse24.h"
+#include "cuda/bsr_mm.h"
 
 namespace fmk::cuda {
 namespace {

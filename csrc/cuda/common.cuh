@@ -42,4 +42,15 @@ __device__ __forceinline__ float block_sum(float v) {
   return partial[0];
 }
 
+// Calls f(T{}) with T the element type of `dtype` (float, __nv_bfloat16, __half); f returns the launch's error.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace fmk::cuda

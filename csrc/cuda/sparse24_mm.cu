@@ -9,7 +9,7 @@
 // Uses mma.sp::ordered_metadata (our positions are ascending within each group). Compile-checked here (sm_80,
 // sm_90a); not yet run on a GPU.
 #include "cuda/common.cuh"
-#include "cuda/sparse24.h"
+#include "cuda/sparse24_mm.h"
 
 namespace fmk::cuda {
 namespace {

@@ -11,7 +11,7 @@ Schema of the chunk kernel (defined once, here):
   fmkernels::ce_chunk_(Tensor(a!) logits, Tensor target, float scale, int ignore_index) -> Tensor loss_rows
   logits: (C, V) contiguous fp32/bf16/fp16, overwritten with scale * d(loss)/d(logits); target: (C,) int64;
   returns (C,) fp32 per-row losses (0 where target == ignore_index).
-Implemented by csrc/cpu/cross_entropy.cpp (CPU key) and csrc/cuda/fused_train.cu (CUDA key); Triton: fmkernels/triton/cross_entropy.py;
+Implemented by csrc/cpu/cross_entropy.cpp (CPU key) and csrc/cuda/cross_entropy.cu (CUDA key); Triton: fmkernels/triton/cross_entropy.py;
 reference: fmkernels/reference/cross_entropy.py (its `cross_entropy_chunk` is the reference backend's chunk).
 """
 from __future__ import annotations
@@ -162,10 +162,15 @@ def _run(kernel: str):
 
 
 OP = _dispatch.op("linear_cross_entropy")
-OP.register(_dispatch.Backend("cuda", _run("cuda"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",)))
-OP.register(_dispatch.Backend("triton", _run("triton"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",)))
-OP.register(_dispatch.Backend("cpu", _run("cpu"), devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",)))
-OP.register(_dispatch.Backend("reference", _run("reference"), devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES))
+_F = "fmkernels/ops/cross_entropy.py"  # fmk info --files: the chunk kernel each backend's loop calls
+OP.register(_dispatch.Backend("cuda", _run("cuda"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("cuda_ext",),
+                              files=(_F, "csrc/cuda/cross_entropy_binding.cpp", "csrc/cuda/cross_entropy.cu")))
+OP.register(_dispatch.Backend("triton", _run("triton"), devices=("cuda",), dtypes=FLOAT_DTYPES, needs=("triton",),
+                              files=(_F, "fmkernels/triton/cross_entropy.py")))
+OP.register(_dispatch.Backend("cpu", _run("cpu"), devices=("cpu",), dtypes=FLOAT_DTYPES, needs=("cpu_ext",),
+                              files=(_F, "csrc/cpu/cross_entropy.cpp")))
+OP.register(_dispatch.Backend("reference", _run("reference"), devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES,
+                              files=(_F, "fmkernels/reference/cross_entropy.py")))
 
 __all__ = ["linear_cross_entropy"]
 

@@ -18,7 +18,7 @@ import torch
 from .. import _autograd, _dispatch
 from .._library import define
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
-from ..reference import norm as ref
+from ..reference import rms_norm as ref
 
 define("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)")
 define(

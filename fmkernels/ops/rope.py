@@ -5,7 +5,7 @@ Schema (defined once, here):
   q: (B, N, Hq, D), k: (B, N, Hk, D) (GQA: Hk may differ), any strides with a unit last-dim stride (e.g. views
   of one fused qkv projection); cos, sin: (>= N, D/2) fp32 from `rope_cos_sin`. Outputs are contiguous.
   The backward is the same kernel rotating by -theta (inverse=True).
-Implemented by csrc/cpu/rope.cpp (CPU key) and csrc/cuda/fused_train.cu (CUDA key); Triton: fmkernels/triton/rope.py; reference: fmkernels/reference/rope.py.
+Implemented by csrc/cpu/rope.cpp (CPU key) and csrc/cuda/rope.cu (CUDA key); Triton: fmkernels/triton/rope.py; reference: fmkernels/reference/rope.py.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Schemas (defined once, here):
   fmkernels::swiglu_bwd(Tensor grad_y, Tensor a, Tensor b) -> Tensor grad_ab  (..., 2F) = [grad_a | grad_b]
 a and b may be strided views (unit last stride), e.g. the two halves of one (..., 2F) gate/up projection:
 `swiglu(ab)` takes that packed tensor and its backward returns the packed gradient with no concatenation.
-Implemented by csrc/cpu/swiglu.cpp (CPU key) and csrc/cuda/fused_train.cu (CUDA key); Triton: fmkernels/triton/swiglu.py; reference: reference/swiglu.py.
+Implemented by csrc/cpu/swiglu.cpp (CPU key) and csrc/cuda/swiglu.cu (CUDA key); Triton: fmkernels/triton/swiglu.py; reference: reference/swiglu.py.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..data import prepare_data
 from ..data.augment import TokenAugment, augment_batch
 from ..models.config import ConfigError
 from .multitask import TaskSet
@@ -185,3 +186,17 @@ def register_feature(name: str, factory: Callable) -> None:
 
 def build_features(cfg) -> list[LoopFeature]:
     return [f for f in (make(cfg) for _, make in _FACTORIES) if f is not None]
+
+
+def prepare_run_data(cfg, source, features: list, log):
+    """The run's data: the model source's own (e.g. a pretrained model's packed documents, fmkernels/data/sft.py),
+    else the config's corpus encoded with the source's tokenizer, with the features' extra prepare_data options."""
+    opts = {}
+    for f in features:
+        opts.update(f.data_options())
+    own = source.prepare_data(cfg, log)
+    if own is not None:
+        return own
+    tok_dir = source.tokenizer_dir()
+    return prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests, cfg.text_field,
+                        log=log, tokenizer_dir=str(tok_dir) if tok_dir else None, **opts)

@@ -67,3 +67,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperatu
     """Sample a continuation of `prompt` (temperature / top-k; temperature <= 0 is greedy)."""
     ids = tokenizer.encode(prompt) or [0]
     return tokenizer.decode(generate_ids(model, ids, max_new_tokens, temperature, top_k, seed, use_cache))
+
+
+def run_sample(model, tokenizer, cfg) -> Optional[str]:
+    """The summary's sample of a finished run (sample_tokens > 0; our own model, not sharded: model None)."""
+    if model is None or cfg.sample_tokens <= 0 or cfg.model_impl != "fmkernels":
+        return None
+    return generate(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.temperature, cfg.top_k, cfg.seed)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data import bits_per_byte, eval_windows
+from ..models.config import ConfigError
 
 CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
               "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
@@ -47,6 +48,25 @@ class Metrics:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
             w.writerows(rows)
+
+    def open_tensorboard(self):
+        """A SummaryWriter in out/tb that also receives every row's scalars (the tensorboard package is optional)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
+        except Exception as e:
+            raise ConfigError(f"config: tensorboard=true needs the tensorboard package ({e})") from e
+        self.tb = SummaryWriter(str(self.path.parent / "tb"))
+        return self.tb
+
+    def train_row(self, step: int, train_time_s: float, tokens: int, loss: float, lr: float, grad_norm: float,
+                  tokens_per_s: float, flops: float) -> None:
+        self.row(dict(step=step, train_time_s=f"{train_time_s:.3f}", tokens=tokens, loss=repr(loss), lr=f"{lr:.6g}",
+                      grad_norm=f"{grad_norm:.4g}", tokens_per_s=f"{tokens_per_s:.1f}", flops=f"{flops:.4g}"))
+
+    def eval_row(self, step: int, train_time_s: float, tokens: int, vl: float, vb: float, flops: float,
+                 max_tokens: Optional[int], full: bool) -> None:
+        self.row(dict(step=step, train_time_s=f"{train_time_s:.3f}", tokens=tokens, val_loss=f"{vl:.6f}",
+                      val_bpb=f"{vb:.6f}", flops=f"{flops:.4g}", val_set="full" if full else f"first {max_tokens} tokens"))
 
 
 @torch.no_grad()
@@ -102,6 +122,18 @@ def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list, best_what
     if s.get("sample") is not None:
         lines += ["--- sample ---", sample_prompt + s["sample"], "--------------"]
     return lines
+
+
+def evaluate_data(model, data, batch_size: int, seq_len: int, device, autocast, max_tokens: Optional[int]) -> dict:
+    """lm_eval over data.val, or data.evaluate(...) for data that scores itself (label masks, packed documents)."""
+    if hasattr(data, "evaluate"):
+        return data.evaluate(model, batch_size, max_tokens, autocast)
+    return lm_eval(model, data.val, data.token_bytes, seq_len, batch_size, device, autocast, max_tokens)
+
+
+def eval_scope(max_tokens: Optional[int], n_val: int, full_word: str = "full split") -> str:
+    """What an evaluation over the first max_tokens of n_val validation tokens covered."""
+    return full_word if max_tokens is None or max_tokens >= n_val else f"first {max_tokens:,} tokens"
 
 
 def _model_and_data(cfg) -> tuple[str, str]:

@@ -18,6 +18,20 @@ def lr_at(cfg, step: int, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def schedule_progress(cfg, step: int, train_time_s: float) -> float:
+    """Where the run is in its schedule: the step fraction, or the spent time budget when max_time_s is set."""
+    progress = step / cfg.max_steps
+    if cfg.max_time_s is not None:
+        progress = max(progress, train_time_s / cfg.max_time_s)
+    return progress
+
+
+def set_lr(opt, lr: float) -> None:
+    """The schedule's lr on every group, times the group's layer-wise lr_scale."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
 def _block_index(name: str) -> Optional[int]:
     parts = name.split(".")
     if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():

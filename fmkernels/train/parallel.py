@@ -3,6 +3,7 @@ checkpointing, torch.compile.
 The model code itself is written for one device and never changes."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -85,6 +86,13 @@ def wrap_distributed(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
+def count_params(model: nn.Module, info: DistInfo, mcfg) -> int:
+    """Parameters of the whole model (a sharded FSDP model counts from its config)."""
+    if info.world > 1 and info.mode == "fsdp":
+        return mcfg.num_params()
+    return sum(p.numel() for p in unwrap(model).parameters())
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     m = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(m, "module", m)  # DDP
@@ -138,3 +146,11 @@ def all_max(v: float, world: int) -> float:
 
 def all_mean(v: float, world: int) -> float:
     return _all_reduce(v, dist.ReduceOp.SUM, world) / world
+
+
+def all_finite(loss: float, grad_norm: float, world: int) -> bool:
+    """Whether the step's loss and gradient norm are finite on every rank."""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if world > 1:
+        finite = all_max(0.0 if finite else 1.0, world) == 0.0
+    return finite

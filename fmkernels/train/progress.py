@@ -68,6 +68,13 @@ def is_terminal(stream) -> bool:
         return False
 
 
+def run_progress(cfg, step: int, train_time_s: float):
+    """The trainer's bar: seconds of training when max_time_s is set, else steps."""
+    if cfg.max_time_s is not None:
+        return progress_bar(round(cfg.max_time_s), round(train_time_s), "s", time_budget=True)
+    return progress_bar(cfg.max_steps, step, "step")
+
+
 def progress_bar(total: float, initial: float = 0, unit: str = "step", time_budget: bool = False,
                  file=None, terminal: Optional[bool] = None):
     """tqdm when `file` (default stderr) is a terminal, else LineProgress. time_budget: the bar counts seconds of

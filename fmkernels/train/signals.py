@@ -9,6 +9,10 @@ from typing import Optional
 EXIT_OK, EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM = 0, 3, 130, 143
 
 
+def exit_code_for(signum: int) -> int:
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+
+
 class Interrupted(Exception):
     """Raised by the handler where the run stops at once (the final evaluation, after the last save)."""
 
@@ -35,6 +39,12 @@ class StopSignals:
         self.received = signum
         if self.immediate:
             raise Interrupted(signum)
+
+    def agreed(self, world: int, all_max) -> Optional[int]:
+        """The signal any rank received (all_max: parallel.all_max), or None."""
+        if world <= 1:
+            return self.received
+        return int(all_max(float(self.received or 0), world)) or None
 
     def __exit__(self, *exc):
         for s, h in self._old.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -23,26 +22,25 @@ import torch
 from tqdm import tqdm
 
 from ..allocator import tune_cpu_allocator
-from ..data import BatchSampler, prepare_data
+from ..data import BatchSampler
 from ..data.packing import document_cu_seqlens
 from ..models import Transformer
-from ..models.config import ConfigError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .converters import apply_converters, build_converters
-from .features import build_features
+from .features import build_features, prepare_run_data
 from .flops import train_flops_per_token
-from .generate import generate
-from .metrics import CSV_FIELDS, Metrics, lm_eval, run_title, start_line, summary_lines  # noqa: F401
+from .generate import run_sample
+from .metrics import CSV_FIELDS, Metrics, eval_scope, evaluate_data, lm_eval, run_title, start_line, summary_lines  # noqa: F401
 from .model_source import model_source_for
-from .optim import lr_at, make_optimizer
-from .parallel import (DistInfo, all_max, all_mean, apply_activation_checkpointing, barrier, full_model_state,
-                       full_optim_state, load_full_states, setup_distributed, teardown_distributed, unwrap, wrap_distributed)
+from .optim import lr_at, make_optimizer, schedule_progress, set_lr
+from .parallel import (DistInfo, all_finite, all_max, all_mean, apply_activation_checkpointing, barrier, count_params,
+                       full_model_state, full_optim_state, load_full_states, setup_distributed, teardown_distributed,
+                       unwrap, wrap_distributed)
 from .plots import plot_run
-from .progress import progress_bar
+from .progress import run_progress
 from .rundir import check_out_dir, finished_run, run_out_dir
-from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StopSignals
-
+from .signals import EXIT_NONFINITE, EXIT_OK, Interrupted, StopSignals, exit_code_for
 
 
 class Trainer:
@@ -131,12 +129,7 @@ class Trainer:
         model = self.model if self.info.mode == "fsdp" else unwrap(self.model)
         was_training = model.training
         model.eval()
-        if hasattr(self.data, "evaluate"):  # data that scores itself (label masks, packed documents)
-            r = self.data.evaluate(model, self.cfg.batch_size, max_tokens, self.autocast)
-            model.train(was_training)
-            return r["loss"], r["bpb"]
-        r = lm_eval(model, self.data.val, self.data.token_bytes, self.cfg.seq_len, self.cfg.batch_size, self.device,
-                    self.autocast, max_tokens)
+        r = evaluate_data(model, self.data, self.cfg.batch_size, self.cfg.seq_len, self.device, self.autocast, max_tokens)
         model.train(was_training)
         return r["loss"], r["bpb"]
 
@@ -147,17 +140,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _prepare_data(self):
-        cfg = self.cfg
-        opts = {}
-        for f in self.features:
-            opts.update(f.data_options())
-        own = self.source.prepare_data(cfg, self.log if self.info.is_main else (lambda m: None))
-        if own is not None:  # e.g. a pretrained model's packed documents (fmkernels/data/sft.py)
-            return own
-        tok_dir = self.source.tokenizer_dir()
-        return prepare_data(cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.stdlib_tests,
-                            cfg.text_field, log=self.log if self.info.is_main else (lambda m: None),
-                            tokenizer_dir=str(tok_dir) if tok_dir else None, **opts)
+        return prepare_run_data(self.cfg, self.source, self.features, self.log if self.info.is_main else (lambda m: None))
 
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
@@ -202,11 +185,7 @@ class Trainer:
                 ckpt.recover(self.out)  # temporaries and set-aside copies left by a killed save
             self._resume()
         if cfg.tensorboard and info.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
-            except Exception as e:
-                raise ConfigError(f"config: tensorboard=true needs the tensorboard package ({e})") from e
-            self.tb = self.metrics.tb = SummaryWriter(str(self.out / "tb"))
+            self.tb = self.metrics.open_tensorboard()
 
     def _documents(self, y):
         """cu_seqlens of the documents in a batch (pack_mode=document, our Transformer; a loop feature that computes
@@ -267,10 +246,7 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         loss = all_mean(loss, self.info.world)
-        finite = math.isfinite(loss) and math.isfinite(gn)
-        if self.info.world > 1:
-            finite = all_max(0.0 if finite else 1.0, self.info.world) == 0.0
-        if finite:
+        if all_finite(loss, gn, self.info.world):
             self.opt.step()
             self.nonfinite = 0
         else:
@@ -290,17 +266,11 @@ class Trainer:
                 self.tb.close()
             return done
         cfg = self.cfg  # setup() records a fine-tune's real architecture / tokenizer in it
-        n_params = sum(p.numel() for p in unwrap(self.model).parameters())
-        if info.world > 1 and info.mode == "fsdp":
-            n_params = self.mcfg.num_params()
+        n_params = count_params(self.model, info, self.mcfg)
         self.log(start_line(cfg, self.mcfg, self.data, info, n_params, self.dtype))
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
-        pbar = None
-        if info.is_main and cfg.progress:  # a bar on a terminal, one line per interval otherwise (progress.py)
-            if cfg.max_time_s is not None:
-                pbar = progress_bar(round(cfg.max_time_s), round(self.train_time), "s", time_budget=True)
-            else:
-                pbar = progress_bar(cfg.max_steps, self.step, "step")
+        # a bar on a terminal, one line per interval otherwise (progress.py)
+        pbar = run_progress(cfg, self.step, self.train_time) if info.is_main and cfg.progress else None
         exit_code, last_loss, stop_reason = EXIT_OK, float("nan"), "max_steps"
         t_window, tok_window = time.perf_counter(), 0
         self.model.train()
@@ -309,12 +279,8 @@ class Trainer:
                 if cfg.max_time_s is not None and self.train_time >= cfg.max_time_s:
                     stop_reason = "max_time_s"
                     break
-                progress = self.step / cfg.max_steps
-                if cfg.max_time_s is not None:
-                    progress = max(progress, self.train_time / cfg.max_time_s)
-                self.lr = lr_at(cfg, self.step, progress)
-                for g in self.opt.param_groups:
-                    g["lr"] = self.lr * g.get("lr_scale", 1.0)
+                self.lr = lr_at(cfg, self.step, schedule_progress(cfg, self.step, self.train_time))
+                set_lr(self.opt, self.lr)
                 t0 = time.perf_counter()
                 loss, gn = self.train_step()
                 dt = time.perf_counter() - t0
@@ -333,9 +299,7 @@ class Trainer:
                     now = time.perf_counter()
                     tps = tok_window / max(now - t_window, 1e-9)
                     t_window, tok_window = now, 0
-                    self.metrics.row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                                          loss=repr(loss), lr=f"{self.lr:.6g}", grad_norm=f"{gn:.4g}",
-                                          tokens_per_s=f"{tps:.1f}", flops=f"{self.flops():.4g}"))
+                    self.metrics.train_row(self.step, self.train_time, self.tokens, loss, self.lr, gn, tps, self.flops())
                     for f in self.features:
                         f.on_log(self.step, unwrap(self.model))
                     if pbar is not None:
@@ -347,16 +311,14 @@ class Trainer:
                         self.save()
                     except KeyboardInterrupt:  # two Ctrl-C during the save, delivered once it completed: stop
                         sig.received = signal.SIGINT
-                signum = sig.received
-                if info.world > 1:
-                    signum = int(all_max(float(signum or 0), self.info.world)) or None
+                signum = sig.agreed(info.world, all_max)
                 if signum is not None:
                     try:
                         path = self.save()
                     except KeyboardInterrupt:  # a second Ctrl-C during the save, delivered once the save completed
                         path = ckpt.list_checkpoints(self.out)[-1] if self.info.is_main else None
                     self.log(f"received {signal.Signals(signum).name} at step {self.step}: checkpoint saved to {path}; exiting")
-                    exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+                    exit_code = exit_code_for(signum)
                     stop_reason = signal.Signals(signum).name
                     break
             if pbar is not None:
@@ -377,7 +339,7 @@ class Trainer:
                         vl, vb = self._eval_and_log(None, final=True)
                         summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
                 except Interrupted as e:
-                    exit_code = EXIT_SIGINT if e.args[0] == signal.SIGINT else EXIT_SIGTERM
+                    exit_code = exit_code_for(e.args[0])
                     stop_reason = signal.Signals(e.args[0]).name
                     summary.update(exit_code=exit_code, stop_reason=stop_reason)
                     self.log(f"received {stop_reason} after the last save (final evaluation skipped or stopped): "
@@ -388,11 +350,10 @@ class Trainer:
         if info.is_main:
             png = self.plot()
             summary["loss_curve"] = str(png) if png else None
-            if exit_code == EXIT_OK and cfg.sample_tokens > 0:
-                model = unwrap(self.model) if info.mode != "fsdp" else None
-                if model is not None and cfg.model_impl == "fmkernels":
-                    summary["sample"] = generate(model, self.data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
-                                                 cfg.temperature, cfg.top_k, cfg.seed)
+            sample = run_sample(unwrap(self.model) if info.mode != "fsdp" else None, self.data.tokenizer, cfg) \
+                if exit_code == EXIT_OK else None
+            if sample is not None:
+                summary["sample"] = sample
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
             self._print_summary(summary)
         if self.tb is not None:
@@ -412,18 +373,15 @@ class Trainer:
             self.best_val_bpb = vb
         what = "full validation split" if full else f"first {max_tokens:,} validation tokens"
         self.log(f"step {self.step}: val loss {vl:.4f}, {vb:.4f} bits/byte ({what}; {self.train_time:.0f} s trained)")
-        self.metrics.row(dict(step=self.step, train_time_s=f"{self.train_time:.3f}", tokens=self.tokens,
-                              val_loss=f"{vl:.6f}", val_bpb=f"{vb:.6f}", flops=f"{self.flops():.4g}",
-                              val_set="full" if full else f"first {max_tokens} tokens"))
+        self.metrics.eval_row(self.step, self.train_time, self.tokens, vl, vb, self.flops(), max_tokens, full)
         for f in self.features:
             f.on_eval(self.step, unwrap(self.model), (vl, vb))
         return vl, vb
 
     def _print_summary(self, s: dict) -> None:
-        et = self.cfg.eval_tokens
-        what = "full split" if et is None or et >= len(self.data.val) else f"first {et:,} tokens"
-        for line in summary_lines(s, self.out, self.cfg.sample_prompt, [x for f in self.features
-                                                                        for x in f.summary_lines(s)], what):
+        what = eval_scope(self.cfg.eval_tokens, len(self.data.val))
+        extra = [x for f in self.features for x in f.summary_lines(s)]
+        for line in summary_lines(s, self.out, self.cfg.sample_prompt, extra, what):
             self.log(line)
 
 

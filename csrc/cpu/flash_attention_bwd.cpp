@@ -216,7 +216,8 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
 
 // x (B, H, NQ) fp32 -> (B, H, NQP) with each segment's rows at qp0, `fill` elsewhere.
 at::Tensor pack_rows3(const at::Tensor& x, const std::vector<Seg>& segs, bool dense, int64_t NQP, float fill) {
-  if (dense) return x.size(2) == NQP ? x : at::constant_pad_nd(x, {0, NQP - x.size(2)}, fill);
+  if (dense || queries_in_place(segs, x.size(2), NQP))
+    return x.size(2) == NQP ? x : at::constant_pad_nd(x, {0, NQP - x.size(2)}, fill);
   at::Tensor out = at::full({x.size(0), x.size(1), NQP}, fill, x.options());
   for (const Seg& s : segs)
     if (s.nq > 0) out.select(0, s.b).narrow(1, s.qp0, s.nq).copy_(x.select(0, s.b).narrow(1, s.q0, s.nq));
@@ -278,9 +279,15 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     return dense ? padded(x, NKP, t.Dp, dt) : pack_segments(x, t.segs, true, NKP, t.Dp, dt);
   };
 
+  // varlen: sequences that are whole blocks are read where they are (k0 == ko, qp0 == q0).
+  const bool kin = !dense && keys_in_place(t.segs, k.size(2), NKP);
   if (bf16_path) {
+    const bool qin = !dense && q.scalar_type() == at::kBFloat16 && D == t.Dp && queries_in_place(t.segs, NQ, t.NQP);
+    // Q and dO only feed the pair panels, which read bf16 rows in place (any strides)
     const auto queries = [&](const at::Tensor& x) {
-      return dense ? padded(x, t.NQP, t.Dp, at::kBFloat16) : pack_segments(x, t.segs, false, t.NQP, t.Dp, at::kBFloat16);
+      return qin      ? x
+             : dense ? padded(x, t.NQP, t.Dp, at::kBFloat16)
+                     : pack_segments(x, t.segs, false, t.NQP, t.Dp, at::kBFloat16);
     };
     const at::Tensor Qb = queries(q), dOb = queries(grad_out);
     const at::Tensor Kb = keys(k, at::kBFloat16), Vb = keys(v, at::kBFloat16);
@@ -294,7 +301,7 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     at::Tensor qk, dok, kk, vk;
     const Rows<float> Qr = rows_f32(q, NQ, t.Dp, qk), dOr = rows_f32(grad_out, NQ, t.Dp, dok);
     Rows<float> Kr;
-    if (dense || keys_in_place(t.segs, k.size(2), NKP)) {
+    if (dense || kin) {
       Kr = rows_f32(k, NKP, t.Dp, kk);
       rows_f32(v, NKP, t.Dp, vk);
     } else {

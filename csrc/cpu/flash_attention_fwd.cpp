@@ -17,7 +17,6 @@ namespace {
 
 struct FwdTask {
   int64_t B, Hq, Hkv, NQ, NKP, nkb, D, Dp;  // NQ: q-side rows per head; NKP: padded key rows per head
-  bool qpacked = false;  // bf16 path: Q rows packed per segment (at qp0) rather than at q0
   std::vector<Seg> segs;
   std::vector<int64_t> start;  // first task of each segment (Hq * nqb tasks each), then the total
   float c;                     // softmax_scale * log2(e)
@@ -109,7 +108,7 @@ void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, 
       const Mask& mask = sg.mask;
       const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
       const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
-      const bf16* Q = Qr.row(bh, (t.qpacked ? sg.qp0 : sg.q0) + r0);
+      const bf16* Q = Qr.row(bh, sg.q0 + r0);
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(lv.begin(), lv.end(), 0.0f);
@@ -152,15 +151,20 @@ void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& 
     return dense ? padded(x, NKP, t.Dp, dt) : pack_segments(x, t.segs, true, NKP, t.Dp, dt);
   };
   float* lp = lse.data_ptr<float>();
+  // varlen: sequences that are whole key blocks (k0 == ko) are read where they are, else packed per segment.
+  const bool kin = !dense && keys_in_place(t.segs, kv.size(2), NKP);
   if (use_bf16_path(qv)) {
     // Q read in place when it already is bf16 rows of Dp elements (any row / head strides)
     const bool q_in_place = qv.scalar_type() == at::kBFloat16 && t.D == t.Dp && qv.stride(3) == 1;
-    t.qpacked = !q_in_place && !dense;
     const at::Tensor Qb = q_in_place ? qv
                           : dense    ? padded(qv, t.NQ, t.Dp, at::kBFloat16)
-                                     : pack_segments(qv, t.segs, false, NQP, t.Dp, at::kBFloat16);
-    const at::Tensor Ktp = pairs_over_d(keys(kv, at::kBFloat16));
-    const at::Tensor Vp = pairs_over_rows(keys(vv, at::kBFloat16));
+                                     : rows_contiguous(qv, t.Dp, at::kBFloat16);
+    // the pair panels read bf16 keys in place (any strides) when they need no padding
+    const auto pair_src = [&](const at::Tensor& x) {
+      return kin && x.scalar_type() == at::kBFloat16 && t.D == t.Dp ? x : keys(x, at::kBFloat16);
+    };
+    const at::Tensor Ktp = pairs_over_d(pair_src(kv));
+    const at::Tensor Vp = pairs_over_rows(pair_src(vv));
     fwd_bf16(t, rows_of<bf16>(Qb), Ktp.const_data_ptr<bf16>(), Vp.const_data_ptr<bf16>(),
              out_rows<bf16>(outv), lp);
     return;
@@ -168,7 +172,7 @@ void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& 
   at::Tensor qk, kk, vk;
   const Rows<float> Qr = rows_f32(qv, t.NQ, t.Dp, qk);
   Rows<float> Vr;
-  if (dense || keys_in_place(t.segs, kv.size(2), NKP)) {
+  if (dense || kin) {
     Vr = rows_f32(vv, NKP, t.Dp, vk);
     rows_f32(kv, NKP, t.Dp, kk);
   } else {

@@ -62,77 +62,135 @@ Rows<float> rows_f32(const at::Tensor& x, int64_t Np, int64_t Dp, at::Tensor& ke
   return rows_of<float>(keep);
 }
 
-// fp32 (B, H, Np, Dp) -> per key block (D, BK) panels: (B, H, Np/BK, Dp, BK).
-at::Tensor block_transpose(const at::Tensor& x) {  // any input strides
-  return x.unflatten(2, {x.size(2) / BK, BK}).transpose(3, 4).contiguous();
+// fp32 (B, H, Np, Dp) -> per key block (D, BK) panels: (B, H, Np/BK, Dp, BK). Rows read in place (any
+// strides, unit d stride; varlen's (1, H, total, D) views included), 16 x 16 tiles through a stack buffer.
+// ATen's permute copy of a (1, 8, 8192, 64) strided view: ~2x the samples of the same copy from a contiguous
+// (8, 8, 1024, 64) tensor (perf, 1 thread, loaded Zen 4), which made varlen's forward ~3% slower than dense.
+FMK_AVX512 void transpose_panel_avx512(const float* s, int64_t sn, int64_t Dp, float* d) {
+  for (int64_t j0 = 0; j0 < BK; j0 += 16)
+    for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
+      alignas(64) float t[16][16];
+      for (int64_t j = 0; j < 16; ++j) _mm512_store_ps(t[j], _mm512_loadu_ps(s + (j0 + j) * sn + d0));
+      for (int64_t c = 0; c < 16; ++c) {
+        const __m512i idx = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+        _mm512_storeu_ps(d + (d0 + c) * BK + j0, _mm512_i32gather_ps(idx, &t[0][c], 4));
+      }
+    }
+}
+void transpose_panel_portable(const float* s, int64_t sn, int64_t Dp, float* d) {
+  for (int64_t j = 0; j < BK; ++j)
+    for (int64_t c = 0; c < Dp; ++c) d[c * BK + j] = s[j * sn + c];
+}
+at::Tensor block_transpose(const at::Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK;
+  if (x.scalar_type() != at::kFloat || x.stride(3) != 1 || Np % BK != 0 || Dp % 16 != 0)
+    return x.unflatten(2, {nb, BK}).transpose(3, 4).contiguous();
+  at::Tensor out = at::empty({B, H, nb, Dp, BK}, x.options());
+  const float* src = x.const_data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t bh = blk / nb;
+      const float* s = src + (bh / H) * sb + (bh % H) * sh + (blk % nb) * BK * sn;
+      if (vec)
+        transpose_panel_avx512(s, sn, Dp, dst + blk * Dp * BK);
+      else
+        transpose_panel_portable(s, sn, Dp, dst + blk * Dp * BK);
+    }
+  });
+  return out;
 }
 
 // bf16 (B, H, Np, Dp) -> pair panels over d, per key block: (B, H, Np/BK, Dp/2, BK, 2). A 32-bit transpose of
 // each (BK, Dp/2) block; ATen's generic permute copy took 2.7 ms for (4, 8, 1024, 64) on 1 core, this ~0.3 ms.
+// The source may be any view with a unit d stride (even row / head strides): varlen's packed (1, H, total, D)
+// operands are read in place rather than copied to (H, total, D) first (8 x 1024 rows, H8 D64: one 8 MiB pass
+// less per operand).
 template <int64_t P>
-static inline void transpose_block_u32(const uint32_t* s, uint32_t* d, int64_t p_dyn) {
+static inline void transpose_block_u32(const uint32_t* s, uint32_t* d, int64_t p_dyn, int64_t ld) {
   const int64_t np = P > 0 ? P : p_dyn;
   for (int64_t p = 0; p < np; ++p)
-    for (int64_t j = 0; j < BK; ++j) d[p * BK + j] = s[j * np + p];
+    for (int64_t j = 0; j < BK; ++j) d[p * BK + j] = s[j * ld + p];
 }
-FMK_AVX512 void pairs_over_d_avx512(const uint32_t* s, uint32_t* d, int64_t np) {
+FMK_AVX512 void pairs_over_d_avx512(const uint32_t* s, uint32_t* d, int64_t np, int64_t ld) {
   if (np == 32)
-    transpose_block_u32<32>(s, d, np);
+    transpose_block_u32<32>(s, d, np, ld);
   else
-    transpose_block_u32<0>(s, d, np);
+    transpose_block_u32<0>(s, d, np, ld);
 }
-void pairs_over_d_portable(const uint32_t* s, uint32_t* d, int64_t np) { transpose_block_u32<0>(s, d, np); }
+void pairs_over_d_portable(const uint32_t* s, uint32_t* d, int64_t np, int64_t ld) {
+  transpose_block_u32<0>(s, d, np, ld);
+}
 
-at::Tensor pairs_over_d(const at::Tensor& x) {
+// x: bf16 with a unit d stride; the pair layouts read it in place when every other stride is even and the data
+// 4-byte aligned (32-bit pairs), else from a contiguous copy.
+at::Tensor pairable(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 && x.stride(2) % 2 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
+  return ok ? x : x.contiguous();
+}
+
+at::Tensor pairs_over_d(const at::Tensor& x0) {
+  const at::Tensor x = pairable(x0);
   const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
   at::Tensor out = at::empty({B, H, nb, np, BK, 2}, x.options());
   const uint32_t* src = reinterpret_cast<const uint32_t*>(x.const_data_ptr<bf16>());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const int64_t sb = x.stride(0) / 2, sh = x.stride(1) / 2, sn = x.stride(2) / 2;  // in pairs
   const bool vec = use_avx512();
   at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t bh = blk / nb, b = bh / H, h = bh % H;
+      const uint32_t* s = src + b * sb + h * sh + (blk % nb) * BK * sn;
       if (vec)
-        pairs_over_d_avx512(src + blk * BK * np, dst + blk * BK * np, np);
+        pairs_over_d_avx512(s, dst + blk * BK * np, np, sn);
       else
-        pairs_over_d_portable(src + blk * BK * np, dst + blk * BK * np, np);
+        pairs_over_d_portable(s, dst + blk * BK * np, np, sn);
     }
   });
   return out;
 }
 
 // bf16 (B, H, Np, Dp), Np even -> pair panels over rows: (B, H, Np/2, Dp, 2) (rows 2i and 2i+1 interleaved).
-static inline void interleave_rows_u16(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
+// Any source strides with a unit d stride (rows ld elements apart).
+static inline void interleave_rows_u16(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp, int64_t ld) {
   for (int64_t i = 0; i < rows2; ++i) {
-    const uint16_t* a = s + 2 * i * Dp;
-    const uint16_t* b = a + Dp;
+    const uint16_t* a = s + 2 * i * ld;
+    const uint16_t* b = a + ld;
     uint32_t* o = d + i * Dp;
     for (int64_t j = 0; j < Dp; ++j) o[j] = static_cast<uint32_t>(a[j]) | (static_cast<uint32_t>(b[j]) << 16);
   }
 }
-FMK_AVX512 void pairs_over_rows_avx512(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
-  interleave_rows_u16(s, d, rows2, Dp);
+FMK_AVX512 void pairs_over_rows_avx512(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp, int64_t ld) {
+  interleave_rows_u16(s, d, rows2, Dp, ld);
 }
-void pairs_over_rows_portable(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp) {
-  interleave_rows_u16(s, d, rows2, Dp);
+void pairs_over_rows_portable(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp, int64_t ld) {
+  interleave_rows_u16(s, d, rows2, Dp, ld);
 }
 
-at::Tensor pairs_over_rows(const at::Tensor& x) {
+at::Tensor pairs_over_rows(const at::Tensor& x0) {
+  const at::Tensor x = x0.stride(3) == 1 ? x0 : x0.contiguous();
   const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3);
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && Np % 2 == 0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Np % 2 == 0);
   at::Tensor out = at::empty({B, H, Np / 2, Dp, 2}, x.options());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
   const bool vec = use_avx512();
-  const int64_t chunk = 32;  // row pairs per work item
-  const int64_t total = B * H * Np / 2, nchunks = (total + chunk - 1) / chunk;
+  const int64_t chunk = 32;  // row pairs per work item (within one (b, h))
+  const int64_t per_bh = (Np / 2 + chunk - 1) / chunk, nchunks = B * H * per_bh;
   at::parallel_for(0, nchunks, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t i0 = c * chunk, n = std::min(chunk, total - i0);
+      const int64_t bh = c / per_bh, i0 = (c % per_bh) * chunk, n = std::min(chunk, Np / 2 - i0);
+      const uint16_t* s = src + (bh / H) * sb + (bh % H) * sh + 2 * i0 * sn;
+      uint32_t* d = dst + (bh * (Np / 2) + i0) * Dp;
       if (vec)
-        pairs_over_rows_avx512(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+        pairs_over_rows_avx512(s, d, n, Dp, sn);
       else
-        pairs_over_rows_portable(src + 2 * i0 * Dp, dst + i0 * Dp, n, Dp);
+        pairs_over_rows_portable(s, d, n, Dp, sn);
     }
   });
   return out;
@@ -218,6 +276,54 @@ bool keys_in_place(const std::vector<Seg>& segs, int64_t NK, int64_t NKP) {
   for (const Seg& s : segs)
     if (s.k0 != s.ko || s.nk % BK != 0) return false;
   return true;
+}
+// Same on the query side (each sequence a whole number of query blocks: the padded query rows are the rows).
+bool queries_in_place(const std::vector<Seg>& segs, int64_t NQ, int64_t NQP) {
+  if (NQ != NQP) return false;
+  for (const Seg& s : segs)
+    if (s.qp0 != s.q0 || s.nq % BQ != 0) return false;
+  return true;
+}
+
+// x (B, H, N, D) any strides (unit d stride) -> `dtype` (B, H, N, Dp) contiguous, the same rows (zero columns
+// past D). Parallel over (b, h, 64-row chunk).
+template <typename T, typename U>
+void copy_rows(const T* src, int64_t ssb, int64_t ssh, int64_t ssn, int64_t B, int64_t H, int64_t N, int64_t D,
+               int64_t Dp, U* dst) {
+  const int64_t per_bh = (N + 63) / 64;
+  at::parallel_for(0, B * H * per_bh, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bh = task / per_bh, r0 = (task % per_bh) * 64, r1 = std::min(N, r0 + 64);
+      const T* sp = src + (bh / H) * ssb + (bh % H) * ssh;
+      U* dp = dst + bh * N * Dp;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* x = sp + r * ssn;
+        U* d = dp + r * Dp;
+        int64_t j = 0;
+        if constexpr (std::is_same_v<T, U>) {
+          std::memcpy(d, x, D * sizeof(T));
+          j = D;
+        } else {
+          for (; j < D; ++j) d[j] = static_cast<U>(static_cast<float>(x[j]));
+        }
+        for (; j < Dp; ++j) d[j] = U(0.0f);
+      }
+    }
+  });
+}
+
+at::Tensor rows_contiguous(const at::Tensor& x0, int64_t Dp, at::ScalarType dtype) {
+  const at::Tensor x = x0.stride(3) == 1 ? x0 : x0.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
+  at::Tensor out = at::empty({B, H, N, Dp}, x.options().dtype(dtype));
+  FMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rows_contiguous", [&] {
+    const scalar_t* sp = x.const_data_ptr<scalar_t>();
+    if (dtype == at::kFloat)
+      copy_rows<scalar_t, float>(sp, x.stride(0), x.stride(1), x.stride(2), B, H, N, D, Dp, out.data_ptr<float>());
+    else
+      copy_rows<scalar_t, bf16>(sp, x.stride(0), x.stride(1), x.stride(2), B, H, N, D, Dp, out.data_ptr<bf16>());
+  });
+  return out;
 }
 
 }  // namespace

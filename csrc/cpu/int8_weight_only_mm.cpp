@@ -203,7 +203,7 @@ FMK_AVX512_VNNI void gemv_wo8_panel(const Wo8Args& p, int64_t b, scalar_t* out, 
     __m512i x[R];                                                                                  \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) x[r] = _mm512_permutexvar_epi32(idx, a[r]); \
     idx = _mm512_add_epi32(idx, one);                                                              \
-    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) {                                         \
+    _Pragma("GCC unroll 8") for (int j = 0; j < NB; ++j) {                                         \
       const __m512i w = _mm512_loadu_si512(bp + j * ldb);                                          \
       _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][j] =                              \
           _mm512_dpbusd_epi32(acc[r][j], w, x[r]);                                                 \
@@ -275,8 +275,9 @@ void wo8_gemv(const scalar_t* x, int64_t M, const Wo8Args& w, scalar_t* out, con
   p.a_scale = a_scale.data();
   p.asum = asum.data();
   // R x NB accumulators + NB weight registers within 32 zmm
-  // R x NB accumulators + R code registers + R broadcasts + NB weights within 32 zmm (NB = 4 / 3 / 2 measured best
-  // of {4, 3, 2} / {3, 2} / {2, 1} on the Zen 4 VM; at M = 4, R = 8, this path only matched the panel kernel)
+  // R x NB accumulators + R code registers + R broadcasts + NB weights within 32 zmm. NB measured on the Zen 4 VM:
+  // M = 1: 4 beats 2, 6, 8 (16.5 / 17.5 / 17.7 / 18.3 us, 1024 x 1024); M = 2: 3 beats 2; software prefetch
+  // (1-4 KB ahead per stream) did not help. At M = 4 (R = 8) this path only matched the panel kernel.
   auto* kern = M == 1 ? &gemv_wo8_range<2, 4, scalar_t>
                : M == 2 ? &gemv_wo8_range<4, 3, scalar_t>
                         : &gemv_wo8_range<6, 2, scalar_t>;

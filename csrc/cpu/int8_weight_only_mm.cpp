@@ -168,9 +168,9 @@ FMK_AVX512 inline int32_t sum_codes_avx512(const int8_t* c, int64_t n) {
 }
 
 // R activation-code rows x NB 16-column blocks [b, b + NB): NB contiguous K * 16-byte streams read in step, each
-// 64-byte load feeding R vpdpbusd whose activation operand is an embedded {1to16} broadcast from L1 (one instruction
-// per multiply, R x NB independent int32 accumulators). Epilogue per group: fp32 += scale * (acc - 128 * asum);
-// at the end out[m, n] = f_hi * a_hi + f_lo * a_lo (+ bias), stored in x's dtype.
+// 64-byte load feeding R vpdpbusd against register broadcasts (vpermd of the row's 16-step code register; R x NB
+// independent int32 accumulators). Epilogue per group: fp32 += scale * (acc - 128 * asum); at the end
+// out[m, n] = f_hi * a_hi + f_lo * a_lo (+ bias), stored in x's dtype.
 template <int R, int NB, typename scalar_t>
 FMK_AVX512_VNNI void gemv_wo8_panel(const Wo8Args& p, int64_t b, scalar_t* out, const float* bias) {
   const int64_t ldb = (p.K / 4) * 64;
@@ -274,7 +274,6 @@ void wo8_gemv(const scalar_t* x, int64_t M, const Wo8Args& w, scalar_t* out, con
   p.A = codes.data();
   p.a_scale = a_scale.data();
   p.asum = asum.data();
-  // R x NB accumulators + NB weight registers within 32 zmm
   // R x NB accumulators + R code registers + R broadcasts + NB weights within 32 zmm. NB measured on the Zen 4 VM:
   // M = 1: 4 beats 2, 6, 8 (16.5 / 17.5 / 17.7 / 18.3 us, 1024 x 1024); M = 2: 3 beats 2; software prefetch
   // (1-4 KB ahead per stream) did not help. At M = 4 (R = 8) this path only matched the panel kernel.

@@ -245,7 +245,9 @@ def test_bad_config_values():
 
 @pytest.mark.parametrize("backend", WO_BACKENDS)
 @pytest.mark.parametrize("M,N,K,G", [(1, 16, 64, None), (7, 33, 100, None), (97, 130, 96, 32), (3, 50, 72, 64),
-                                     (1025, 24, 40, None)])
+                                     (1025, 24, 40, None),
+                                     # M <= 4: the CPU GEMV path (unrolled k-loop with a tail, several groups)
+                                     (1, 300, 1000, None), (2, 47, 320, 64), (3, 129, 1056, 32), (3, 20, 52, None)])
 def test_int8_weight_only_matches_reference(backend, M, N, K, G):
     if backend == "triton" and M * N * K > 40_000:
         pytest.skip("interpreter: tiny shapes only")
@@ -263,14 +265,31 @@ def test_int8_weight_only_matches_reference(backend, M, N, K, G):
     T.assert_sqnr(deq, out, 60.0, name=f"{backend} W8A16 vs dequantized")
 
 
+@pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int8_weight_only_low_precision_inputs(dtype):
+def test_int8_weight_only_low_precision_inputs(dtype, M):
     lin = nn.Linear(64, 48)
     m = Int8WeightOnlyLinear.from_float(lin)
-    x = torch.randn(5, 64)
+    x = torch.randn(M, 64)
     y = m(x.to(dtype))
     assert y.dtype == dtype
     T.assert_sqnr(lin(x).detach(), y.float(), 30.0, name=f"W8A16 {dtype}")
+
+
+@pytest.mark.parametrize("backend", WO_BACKENDS)
+@pytest.mark.parametrize("M", [2, 6])
+def test_int8_weight_only_nonfinite_rows(backend, M):
+    """NONFINITE_RULE (fmkernels/testing.py) at M <= 4 (CPU GEMV path) and above: a NaN or Inf in a row of x
+    makes that output row NaN or Inf like F.linear, the other rows stay finite and correct."""
+    if backend == "triton":
+        pytest.skip("interpreter: covered by the shape test")
+    lin = nn.Linear(40, 24)
+    m = Int8WeightOnlyLinear.from_float(lin, backend=backend)
+    x = torch.randn(M, 40)
+    x[0, 3], x[1, 7] = float("nan"), float("inf")
+    out, peer = m(x).detach(), nn.functional.linear(x, m.dequantized_weight(), lin.bias).detach()
+    T.assert_nonfinite_like(out, peer, name=f"{backend} W8A16 nonfinite rows")
+    T.assert_sqnr(peer[2:], out[2:], 60.0, name=f"{backend} W8A16 finite rows")
 
 
 def test_int8_weight_only_gradient_is_straight_through():

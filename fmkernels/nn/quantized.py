@@ -290,12 +290,18 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._smooth(x)
+        # buffers read from _buffers directly (nn.Module.__getattr__: ~0.7 us each, ~10% of the Python cost of a
+        # batch-1 call; a buffer reassigned with `m.bias = t` lands in _buffers too)
+        buf = self._buffers
+        s = buf.get("smooth_inv")
+        if s is not None:
+            x = x * s.to(x.dtype)
         Kp = self.padded_in_features
         if Kp != self.in_features and x.dim() and x.shape[-1] == self.in_features:
             x = nn.functional.pad(x, (0, Kp - self.in_features))
-        return int8_weight_only_mm_module(x, self.weight_packed, self.weight_scale, self._G, self.out_features,
-                                             self.bias, self.backend)
+        G = Kp if self.group_size is None else self.group_size
+        return int8_weight_only_mm_module(x, buf["weight_packed"], buf["weight_scale"], G, self.out_features,
+                                             buf["bias"], self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         q = ref.int8_weight_only_unpack(self.weight_packed, self.out_features, self.padded_in_features)

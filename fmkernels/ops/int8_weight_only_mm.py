@@ -125,12 +125,13 @@ def int8_weight_only_mm_module(x, w_packed, scale, group_size, n, bias, backend=
     impl = Q._fast_impl("int8_weight_only_mm", x, w_packed, backend) if w_packed.shape[1] * 4 == K else None
     if impl is None:
         return int8_weight_only_mm(x, w_packed, scale, group_size, n, bias, backend=backend)
-    x2 = x.reshape(-1, K).contiguous()
+    flat = x.dim() == 2 and x.is_contiguous()  # decode's (1, K): skip two reshapes (~1 us)
+    x2 = x if flat else x.reshape(-1, K).contiguous()
     if impl.name == "cpu" and Q._plain_no_grad(x, bias):
         y = _OV.redispatch(Q._CPU_KEYS, x2, w_packed, scale, group_size, n, bias)  # past the autograd wrapper
     else:
         y = impl.fn(x2, w_packed, scale, group_size, n, bias)
-    return y.reshape(*x.shape[:-1], n)
+    return y if flat else y.reshape(*x.shape[:-1], n)
 
 
 _OV = torch.ops.fmkernels.int8_weight_only_mm.default

@@ -462,7 +462,18 @@ def _select_cached(op_name, device, dtype, backend, env, interp, disable_ext):
     return _dispatch.OPS[op_name].select(_dispatch.Query(device, dtype), backend)
 
 
+# CPython on POSIX: os.environ's backing dict (bytes keys, kept in step by os.environ[...] = / del / putenv through
+# os.environ, and so by monkeypatch.setenv): 3 lookups in ~0.15 us against ~2.1 us for 3 os.environ.get (measured
+# on the Zen 4 VM; 2% of a 4096x4096 int8 weight-only linear at batch 1).
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not (isinstance(_ENV_DATA, dict) and all(isinstance(k, bytes) for k in list(_ENV_DATA)[:1])):
+    _ENV_DATA = None
+
+
 def _env_key():
+    d = _ENV_DATA
+    if d is not None:
+        return d.get(b"FMK_BACKEND") or None, d.get(b"TRITON_INTERPRET"), d.get(b"FMK_DISABLE_EXT")
     env = os.environ
     return env.get("FMK_BACKEND") or None, env.get("TRITON_INTERPRET"), env.get("FMK_DISABLE_EXT")
 

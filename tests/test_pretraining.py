@@ -214,6 +214,7 @@ def test_yardstick_lines():
     assert "beats" in yardstick_lines(bpb, 1.0)[0] and yardstick_lines(None, 1.0) == []
 
 
+@pytest.mark.slow
 def test_ablation_harness_tiny_budget(tmp_path, small_corpus):
     doc = tmp_path / "pretraining.md"
     doc.write_text("# Pretraining\n\nintro kept\n")

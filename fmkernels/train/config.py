@@ -169,7 +169,7 @@ class OptimSection(Section):
     optimizer: str = opt("adamw", "adamw: AdamW for every parameter; muon: Muon (momentum, Newton-Schulz "
                                   "orthogonalized, 5 iterations in bf16) for the blocks' 2-D weight matrices, AdamW for "
                                   "embeddings, head and norms", ("adamw", "muon"))
-    muon_lr: Optional[float] = opt(None, "Muon's peak lr (Keller Jordan's scaling: lr * sqrt(max(1, out / in))); none: "
+    muon_lr: Optional[float] = opt(None, "Muon's peak lr, scaled per matrix by sqrt(max(1, out / in)) (Keller Jordan's); none: "
                                    "lr with the AdamW-matched update RMS (0.2 * sqrt(max(out, in)); Moonshot), so lr "
                                    "and weight_decay carry over", default_text="none: lr, RMS-matched")
     muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)")

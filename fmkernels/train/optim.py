@@ -150,6 +150,9 @@ def make_muon(model, cfg, fsdp: bool, n_layers: int = 0) -> MultiOptimizer:
         g["params"].append(p)
     if not muon_groups and not other:
         raise ConfigError("config: every parameter is frozen (freeze_embeddings / freeze_blocks / LoRA): nothing to train")
+    if not muon_groups:
+        raise ConfigError("config: optimizer 'muon' found no trainable 2-D block matrix (parameters named "
+                          "'layers.<i>.*.weight'); use optimizer 'adamw' for this model")
     opts = []
     if muon_groups:
         adjust = "match_rms_adamw" if cfg.muon_lr is None else "original"

@@ -48,6 +48,8 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("seq512", "sequence 512 (batch 8: same tokens per step)", ["--seq_len", "512", "--batch_size", "8"]),
     ("fp32", "fp32 instead of bf16 autocast", ["--dtype", "fp32"]),
     ("int8", "int8 forward/backward matmuls", ["--int8_training", "true"]),
+    ("muon_batch32", "Muon with batch 32 (its Newton-Schulz cost is per optimizer step: a larger batch amortizes it)",
+     ["--optimizer", "muon", "--batch_size", "32"]),
     ("muon_wsd_qknorm", "Muon + wsd + QK-norm together (Muon runs often pair with both)",
      ["--optimizer", "muon", "--lr_schedule", "wsd", "--qk_norm", "true"]),
     # the plain-PyTorch anchor (models/plain.py: nn.Linear, SDPA, materialized logits; no packed-document path)

@@ -36,6 +36,7 @@ from .train import compress, train
 from .train.checkpoint import USER_ERRNOS, CheckpointError, describe_os_error, resolve_checkpoint
 from .train.config import SECTIONS, TrainConfig, field_help
 from .train.evaluate import evaluate_checkpoint, load_model
+from .train.metrics import yardstick_lines
 from .train.finetune import merge_checkpoint
 from .train import hf_run, hf_source
 from .train.generate import generate, generate_ids
@@ -236,11 +237,14 @@ def _cmd_eval(args) -> int:
     if args.hf is not None or args.data is not None or _is_hf_run(args.checkpoint):
         return _cmd_eval_hf(args)
     r = evaluate_checkpoint(args.checkpoint, corpus=args.corpus, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, yardstick=not args.no_yardstick)
     print(json.dumps(r, indent=1) if args.json else
           f"{r['checkpoint']} (step {r['step']}): validation loss {r['val_loss']:.4f}, "
           f"{r['val_bpb']:.4f} bits per byte over {r['tokens']:,} tokens / {r['bytes']:,} bytes of {r['corpus']} "
           f"({r['tokens_per_s']:,.0f} tokens/s)")
+    if not args.json:
+        for line in yardstick_lines(r.get("compressor_bpb"), r["val_bpb"], r.get("compressor_time_s")):
+            print(line)
     return 0
 
 
@@ -378,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
                    help="evaluate the first N validation tokens (default: the full split)")
     s.add_argument("--batch_size", "--batch-size", type=int, default=16, help="evaluation batch size")
+    s.add_argument("--no_yardstick", "--no-yardstick", action="store_true",
+                   help="skip the compressor yardstick (xz -9e on the same validation bytes; full split only)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_eval)
 

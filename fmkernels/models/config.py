@@ -28,7 +28,8 @@ class TransformerConfig:
     # ---- pretrained-architecture switches (Hugging Face Llama / Mistral / Qwen2 / Qwen3; fmkernels/train/hf_source.py)
     attn_head_dim: Optional[int] = None  # None: dim // n_heads; set when the checkpoint says otherwise (Qwen3)
     qkv_bias: bool = False  # q/k/v projections with bias (Qwen2)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3; `fmk train --qk_norm true`)
+    logit_softcap: Optional[float] = None  # logits -> c * tanh(logits / c) (Gemma 2); None: off
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -54,6 +55,9 @@ class TransformerConfig:
             raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.attention not in ("auto", "flash", "sdpa"):
             raise ConfigError(f"model config: attention must be 'auto', 'flash' or 'sdpa', got {self.attention!r}")
+        if self.logit_softcap is not None and not (isinstance(self.logit_softcap, (int, float))
+                                                    and 0 < self.logit_softcap < float("inf")):
+            raise ConfigError(f"model config: logit_softcap must be None or a finite number > 0, got {self.logit_softcap!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"model config: norm_eps must be > 0, got {self.norm_eps!r}")
 

@@ -36,12 +36,18 @@ class PlainAttention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
         self.wo = nn.Linear(cfg.n_heads * D, cfg.dim, bias=False)
+        if cfg.qk_norm:  # per-head RMSNorm of q and k before RoPE (same names as the fused model's)
+            self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
 
     def forward(self, x, cos, sin):
         B, N, _ = x.shape
         H, Hk, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.wq(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-        k = self.wk(x).view(B, N, Hk, D).transpose(1, 2)
+        q = self.wq(x).view(B, N, H, D)
+        k = self.wk(x).view(B, N, Hk, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, N, D)
         v = self.wv(x).view(B, N, Hk, D).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if Hk != H:
@@ -106,6 +112,8 @@ class PlainTransformer(nn.Module):
         x = self.norm(x)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, w)  # (B, N, V)
+        if self.cfg.logit_softcap is not None:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)

@@ -82,6 +82,11 @@ class KVCache:
         return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
 
 
+def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded in (-cap, cap), ~identity near 0 (Gemma 2's final-logit cap)."""
+    return cap * torch.tanh(logits / cap)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -225,6 +230,13 @@ class Transformer(nn.Module):
         cache.length and the cache grows by N. targets -100 are ignored (label masking). cu_seqlens: packed
         documents (see hidden_states); targets that cross a document boundary should be ignore_index (-100)."""
         h = self.hidden_states(idx, cache, cu_seqlens)  # (B, N, dim)
+        cap = self.cfg.logit_softcap
+        if cap is not None:  # soft-capped logits: materialized (the fused linear + cross-entropy has no cap)
+            logits = softcap_logits(F.linear(h, self.head_weight), cap)  # (B, N, V)
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
         if targets is None:
             return F.linear(h, self.head_weight)  # (B, N, V)
         return ops.linear_cross_entropy(h, self.head_weight, targets, reduction=reduction)

@@ -25,7 +25,7 @@ from .. import _ext
 from ..models.config import PRESETS, ConfigError, TransformerConfig
 
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_base", "norm_eps", "tie_embeddings",
-                "dropout", "init_std", "attention")
+                "dropout", "init_std", "attention", "qk_norm", "logit_softcap")
 TASKS = ("lm", "pkg")
 SAMPLING = ("all", "proportional", "temperature")
 WEIGHTING = ("fixed", "uncertainty")
@@ -121,11 +121,16 @@ class ModelSection(Section):
     dropout: float = opt(0.0, "dropout probability")
     init_std: float = opt(0.02, "weight init standard deviation")
     attention: str = opt("auto", "attention kernel: fused flash attention, or PyTorch SDPA", ("auto", "flash", "sdpa"))
+    qk_norm: bool = opt(False, "per-head RMSNorm of q and k before RoPE (QK-norm)")
+    logit_softcap: Optional[float] = opt(None, "cap output logits at c * tanh(logits / c) (materializes the logits: "
+                                         "the fused linear + cross-entropy has no cap)", default_text="off")
     model_impl: str = opt("fmkernels", "fmkernels (fused kernels) or plain (the plain-PyTorch twin)",
                           ("fmkernels", "plain"))
 
     def validate(self):
         _choice(self, "model_impl", ("fmkernels", "plain"))
+        if self.logit_softcap is not None and not (0 < self.logit_softcap < math.inf):
+            _bad(self, "logit_softcap", "must be a finite number > 0 (or none: off)")
 
 
 @dataclass
@@ -161,8 +166,19 @@ class OptimSection(Section):
     max_steps: int = opt(1_000_000, "optimizer steps (given alone: a step-based, reproducible run)")
     max_time_s: Optional[float] = opt(300.0, "stop after this much training time; the lr schedule then follows time "
                                              "(dropped when max_steps is given without it)")
+    optimizer: str = opt("adamw", "adamw: AdamW for every parameter; muon: Muon (momentum, Newton-Schulz "
+                                  "orthogonalized, 5 iterations in bf16) for the blocks' 2-D weight matrices, AdamW for "
+                                  "embeddings, head and norms", ("adamw", "muon"))
+    muon_lr: Optional[float] = opt(None, "Muon's peak lr, scaled per matrix by sqrt(max(1, out / in)) (Keller Jordan's); none: "
+                                   "lr with the AdamW-matched update RMS (0.2 * sqrt(max(out, in)); Moonshot), so lr "
+                                   "and weight_decay carry over", default_text="none: lr, RMS-matched")
+    muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)")
     lr: float = opt(3e-3, "peak learning rate")
-    min_lr_ratio: float = opt(0.1, "cosine decay floor, as a fraction of lr")
+    lr_schedule: str = opt("cosine", "cosine: warmup then cosine decay to min_lr_ratio * lr; wsd: warmup, constant lr, "
+                                     "then a linear decay to min_lr_ratio * lr over the last decay_fraction of the run",
+                           ("cosine", "wsd"))
+    decay_fraction: float = opt(0.2, "wsd: share of the run (steps or training time) spent decaying")
+    min_lr_ratio: float = opt(0.1, "decay floor, as a fraction of lr")
     warmup_steps: int = opt(50, "linear warmup steps")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -175,6 +191,16 @@ class OptimSection(Section):
         _choice(self, "pack_mode", ("document", "concat"))
         if self.lr <= 0:
             _bad(self, "lr", "must be > 0")
+        _choice(self, "optimizer", ("adamw", "muon"))
+        _choice(self, "lr_schedule", ("cosine", "wsd"))
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            _bad(self, "muon_lr", "must be > 0 (or none: lr, RMS-matched)")
+        if not 0 <= self.muon_momentum < 1:
+            _bad(self, "muon_momentum", "must be in [0, 1)")
+        if not 0 < self.decay_fraction <= 1:
+            _bad(self, "decay_fraction", "must be in (0, 1]")
+        if self.optimizer == "muon" and getattr(self, "distributed", "auto") == "fsdp":
+            _bad(self, "optimizer", "'muon' is not supported with distributed 'fsdp' (sharded matrices; use ddp)")
         if not 0 <= self.min_lr_ratio <= 1:
             _bad(self, "min_lr_ratio", "must be in [0, 1]")
         if self.warmup_steps < 0:
@@ -382,6 +408,8 @@ class RunSection(Section):
     eval_every: int = opt(200, "evaluate every N steps")
     eval_tokens: Optional[int] = opt(65536, "cap for periodic evaluations; the final one covers the full split")
     final_eval: bool = opt(True, "evaluate on the full validation split at the end")
+    yardstick: bool = opt(True, "after the final evaluation: xz -9e's bits per byte on the same validation bytes, "
+                                "alone and with the training split as context (cached per corpus; not training time)")
     log_every: int = opt(10, "log a metrics row every N steps")
     out_dir: str = opt("runs/default", "run directory (checkpoints, metrics.csv, train.log, summary.json)")
     save_every: int = opt(200, "checkpoint every N steps")

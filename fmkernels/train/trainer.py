@@ -31,7 +31,8 @@ from .converters import apply_converters, build_converters
 from .features import build_features, prepare_run_data
 from .flops import train_flops_per_token
 from .generate import run_sample
-from .metrics import CSV_FIELDS, Metrics, eval_scope, evaluate_data, lm_eval, run_title, start_line, summary_lines  # noqa: F401
+from .metrics import (CSV_FIELDS, Metrics, compressor_yardstick, eval_scope, evaluate_data, lm_eval,  # noqa: F401
+                      run_title, start_line, summary_lines)
 from .model_source import model_source_for
 from .optim import lr_at, make_optimizer, schedule_progress, set_lr
 from .parallel import (DistInfo, all_finite, all_max, all_mean, apply_activation_checkpointing, barrier, count_params,
@@ -111,7 +112,7 @@ class Trainer:
             state = dict(
                 step=self.step, tokens=self.tokens, train_time_s=self.train_time, best_val_bpb=self.best_val_bpb,
                 nonfinite_in_a_row=self.nonfinite, data_position={"sampler": "step-keyed", "step": self.step},
-                scheduler={"kind": "warmup_cosine", "step": self.step, "lr": self.lr},
+                scheduler={"kind": f"warmup_{self.cfg.lr_schedule}", "step": self.step, "lr": self.lr},
                 config=self.cfg.to_dict(), model_config=self.mcfg.to_dict(), corpus_hash=self.data.corpus_hash,
                 world=self.info.world, **self.source.checkpoint_state(),
             )
@@ -338,6 +339,9 @@ class Trainer:
                         t0 = time.perf_counter()
                         vl, vb = self._eval_and_log(None, final=True)
                         summary.update(val_loss=vl, val_bpb=vb, eval_time_s=time.perf_counter() - t0)
+                        if cfg.yardstick and cfg.hf is None and info.is_main:  # the corpus's validation bytes
+                            summary.update(compressor_yardstick(cfg.corpus, cfg.val_fraction, cfg.stdlib_tests,
+                                                                cfg.text_field))
                 except Interrupted as e:
                     exit_code = exit_code_for(e.args[0])
                     stop_reason = signal.Signals(e.args[0]).name

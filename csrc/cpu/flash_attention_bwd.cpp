@@ -46,7 +46,8 @@ struct BwdTask {
   int64_t B, Hq, Hkv, NQ, NQP, NKP, nkb, D, Dp, G;  // NQ: q-side rows per head; NQP: padded (bf16) q rows
   int64_t max_nkb, max_qrows;  // over segments: key blocks; query rows rounded up to BQ
   std::vector<Seg> segs;
-  float c;
+  float c;      // bf16 path: softmax_scale * log2(e) (P = 2^(S c - lse2))
+  float scale;  // fp32 path: P = e^(S scale - lse), natural units as the forward's (see softmax_row_avx512)
   void plan() {
     order_by_cost(segs);
     max_nkb = 0, max_qrows = 0;
@@ -144,7 +145,7 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
       kn.abt(M - top, BK, t.D, dO + top * dOr.sn, dOr.sn, vtb, BK, dP + top * BK, BK);
       if (!mask.full(r0, r0 + M, j0)) mask.apply(S, r0, M, j0);
       for (int64_t i = 0; i < M; ++i)
-        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.c, lse2s[r0 + i], deltas[r0 + i]);
+        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.scale, lse2s[r0 + i], deltas[r0 + i]);
       if (split) {  // keys [0, kHalf) get every row; keys [kHalf, BK) only the rows below `top`
         kn.ab(kHalf, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);
         kn.ab(BK - kHalf, t.Dp, M - top, S + top * BK + kHalf, 1, BK, dO + top * dOr.sn, dOr.sn,
@@ -236,12 +237,14 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
   t.segs = std::move(segs);
   t.plan();
   t.c = static_cast<float>(scale) * kLog2e;
+  t.scale = static_cast<float>(scale);
   const float fscale = static_cast<float>(scale);
   const int64_t B = t.B, Hq = t.Hq, NQ = t.NQ, D = t.D;
   const bool bf16_path = use_bf16_path(q);
   t.NQP = bf16_path ? NQP : NQ;
-  // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), +inf on rows that see no key (so P = 0 there) and on
-  // padded rows.
+  // delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e) (bf16 path) or lse (fp32 path, natural units), +inf on
+  // rows that see no key (so P = 0 there) and on padded rows. A NaN lse (a NaN or +inf score in the forward)
+  // stays NaN: the row's gradients go NaN as SDPA's do.
   at::Tensor delta = at::empty({B, Hq, NQ}, q.options().dtype(at::kFloat));
   {
     // in place when d has a unit stride (any other strides), else one contiguous copy
@@ -261,7 +264,7 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
       });
     });
   }
-  at::Tensor lse2 = lse.to(at::kFloat) * kLog2e;
+  at::Tensor lse2 = bf16_path ? lse.to(at::kFloat) * kLog2e : lse.to(at::kFloat);
   lse2 = at::where(at::isinf(lse2), at::full({}, kPosInf, lse2.options()), lse2);
   if (t.NQP != NQ || !dense) {
     if (bf16_path) {
@@ -309,9 +312,12 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                          out_rows<scalar_t>(dqv), out_rows<scalar_t>(dkv), out_rows<scalar_t>(dvv), fscale);
     });
   }
-  // dQ = scale * sum over chunks (fixed order) of the fp32 partials.
+  // dQ = scale * sum over chunks (fixed order) of the fp32 partials, summed in place into partial 0 (a
+  // dq_acc.sum(0) temporary was one more fp32 copy of q at the backward's peak).
   if (t.G > 1) {
-    const at::Tensor sum = dq_acc.sum(0).narrow(3, 0, D).mul_(fscale);  // (B, Hq, NQP, D)
+    at::Tensor acc0 = dq_acc.select(0, 0);
+    for (int64_t g = 1; g < t.G; ++g) acc0.add_(dq_acc.select(0, g));
+    const at::Tensor sum = acc0.narrow(3, 0, D).mul_(fscale);  // (B, Hq, NQP, D)
     if (!bf16_path) {
       dqv.copy_(sum);
     } else {

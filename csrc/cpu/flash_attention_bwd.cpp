@@ -326,8 +326,9 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                          out_rows<scalar_t>(dqv), out_rows<scalar_t>(dkv), out_rows<scalar_t>(dvv), fscale);
     });
   }
-  // dQ = scale * sum over chunks (fixed order) of the fp32 partials, summed in place into partial 0 (a
-  // dq_acc.sum(0) temporary was one more fp32 copy of q at the backward's peak).
+  // dQ = scale * sum over chunks (fixed order) of the fp32 partials, summed in place into partial 0 (no
+  // dq_acc.sum(0) temporary; the peak is earlier: out, dq, dk, dv, the K / V layouts and dq_acc, measured fp32
+  // 2.35 KB per (token, head) at B1 H8 N2048 D64 vs SDPA's 2.16, bf16 1.88 vs 0.96).
   if (t.G > 1) {
     at::Tensor acc0 = dq_acc.select(0, 0);
     for (int64_t g = 1; g < t.G; ++g) acc0.add_(dq_acc.select(0, g));

@@ -64,7 +64,7 @@ test: build
 package-check: build
 	PY=$(PY) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash scripts/check_package.sh
 
-# The long fuzz profile: every non-attention op vs fp64 under the 2x rule, FMK_FUZZ_SECONDS (240) per op, seeded by
+# The long fuzz profile: every op (attention included) vs fp64 under the 2x rule, FMK_FUZZ_SECONDS (240) per op, seeded by
 # FMK_FUZZ_SEED (21); `make test` runs the same suite ~4 s per op.
 fuzz: build
 	FMK_FUZZ=long $(PY) -m pytest -q -ra -s tests/test_fuzz.py

@@ -78,18 +78,26 @@ loss, F.rms_norm, F.silu(a) * b, the fp32 reference for RoPE):
   - where the peer is finite, the op is finite (and within its tolerance: error_budget / SQNR floors).
 For the sparse matmuls the peer multiplies the stored weights only (torch.sparse semantics: a pruned weight is
 absent, not a zero, so an Inf in x facing only pruned weights does not reach the output).
-A NaN or Inf that reaches an output therefore reaches it, and nothing non-finite appears from finite data."""
+A NaN or Inf that reaches an output therefore reaches it, and nothing non-finite appears from finite data.
+Attention (flash_attention, flash_attention_varlen, the decoding path; every backend and ISA): the peer is
+F.scaled_dot_product_attention's math in fp32 on the same inputs (attention_nonfinite_peer): a NaN in q, k or a
+visible key's v, a +inf score, or an overflowing q k^T makes the row (or, for v, the column) NaN / Inf; a row
+whose scores are all -inf gives zeros (SDPA's safe softmax; our documented behaviour for rows that see no key).
+A key outside a row's mask may or may not reach it (SDPA's math backend multiplies its v by p = 0, its flash
+backend and ours skip whole invisible blocks): the `may` peer, under which a non-finite output is not an error."""
 
 
-def nonfinite_mismatch(out: torch.Tensor, peer: torch.Tensor) -> Optional[str]:
-    """Why `out` breaks NONFINITE_RULE against `peer` (None when it does not)."""
+def nonfinite_mismatch(out: torch.Tensor, peer: torch.Tensor, may: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why `out` breaks NONFINITE_RULE against `peer` (None when it does not). may: where it is non-finite (and
+    the peer finite), out may be either (attention's masked keys, see the rule)."""
     if out.shape != peer.shape:
         return f"shape {tuple(out.shape)} != peer {tuple(peer.shape)}"
     o, p = out.detach().float().cpu(), peer.detach().float().cpu()
+    fin = torch.isfinite(p) if may is None else torch.isfinite(p) & torch.isfinite(may.detach().float().cpu())
     checks = (
         (torch.isnan(p) & ~torch.isnan(o), "peer is NaN but the op is not"),
         (torch.isinf(p) & ~(torch.isnan(o) | (o == p)), "peer is Inf but the op is neither the same Inf nor NaN"),
-        (torch.isfinite(p) & ~torch.isfinite(o), "peer is finite but the op is not"),
+        (fin & ~torch.isfinite(o), "peer is finite but the op is not"),
     )
     for bad, what in checks:
         if bool(bad.any()):
@@ -98,10 +106,33 @@ def nonfinite_mismatch(out: torch.Tensor, peer: torch.Tensor) -> Optional[str]:
     return None
 
 
-def assert_nonfinite_like(out: torch.Tensor, peer: torch.Tensor, name: str = "output") -> None:
+def assert_nonfinite_like(out: torch.Tensor, peer: torch.Tensor, name: str = "output",
+                          may: Optional[torch.Tensor] = None) -> None:
     """Assert NONFINITE_RULE: out is NaN/Inf exactly where the PyTorch peer is (see the rule's text)."""
-    why = nonfinite_mismatch(out, peer)
+    why = nonfinite_mismatch(out, peer, may)
     assert why is None, f"{name}: {why}"
+
+
+def attention_nonfinite_peer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                             scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peer, may) for attention under NONFINITE_RULE, SDPA's math in fp32 on q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D)
+    with `mask` (Nq, Nk) bool of visible pairs (None: all). peer: keys outside the mask absent; may: their v
+    multiplied by p = 0 (SDPA's math backend). Small shapes only: forms (B, Hq, Nq, Nk, D)."""
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if kf.shape[1] != qf.shape[1]:
+        kf = kf.repeat_interleave(qf.shape[1] // kf.shape[1], 1)
+        vf = vf.repeat_interleave(qf.shape[1] // vf.shape[1], 1)
+    s = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    empty = (s == float("-inf")).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    may = p @ vf
+    if mask is None:
+        return may, may
+    terms = p[..., None] * vf[:, :, None]  # (B, Hq, Nq, Nk, D)
+    peer = terms.masked_fill(~mask[..., None], 0.0).sum(-2)
+    return peer, may
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

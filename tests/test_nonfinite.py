@@ -1,6 +1,5 @@
 """NaN / Inf semantics (issue 21): every op, every CPU backend, fp32 and bf16, against its PyTorch peer under the one
-rule in fmkernels.testing.NONFINITE_RULE. Attention's NaN semantics are deferred (csrc/cpu/flash_attention.cpp is
-being reworked under issue 18): its cases are strict xfails naming that."""
+rule in fmkernels.testing.NONFINITE_RULE (attention: SDPA's semantics, fmkernels.testing.attention_nonfinite_peer)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +7,8 @@ import torch.nn.functional as F
 import fmkernels as fk
 from fmkernels.ops import quant as q
 from fmkernels.ops import sparse as sp
+from fmkernels import testing as T
+from fmkernels.reference.attention import attention_mask
 from fmkernels.testing import assert_nonfinite_like, available_backends
 
 NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": -float("inf")}
@@ -158,8 +159,6 @@ def test_quantize_per_row_nonfinite_rows(dtype):
         assert torch.equal(torch.isnan(s), torch.isnan(ref_s)) and torch.equal(s[[0, 5]], ref_s[[0, 5]]), be
 
 
-@pytest.mark.xfail(strict=True, reason="deferred: attention NaN/Inf semantics are issue 21's attention part, left "
-                                       "for the session after issue 18's rework of csrc/cpu/flash_attention.cpp")
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_attention_nan_reaches_the_output_like_sdpa(where):
     q_, k_, v_ = (_rn(1, 2, 16, 32, seed=s) for s in range(3))
@@ -168,3 +167,86 @@ def test_attention_nan_reaches_the_output_like_sdpa(where):
     want = F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"])
     got = fk.flash_attention(inputs["q"], inputs["k"], inputs["v"], backend="cpu")
     assert_nonfinite_like(got, want, name=f"flash_attention nan in {where}")
+
+
+def _attention_backends(dtype):
+    """(backend, FMK_CPU_ISA) pairs: the compiled CPU kernels at their best ISA and portable, the reference, and
+    Triton when it runs here (TRITON_INTERPRET=1; its interpreter mangles bf16 NaN / Inf, so fp32 only there)."""
+    names = available_backends("flash_attention", "cpu", dtype)
+    out = [(b, None) for b in names if b in ("cpu", "reference") or (b == "triton" and dtype == torch.float32)]
+    if "cpu" in names:
+        out.append(("cpu", "portable"))
+    return out
+
+
+ATTN_MASKS = {"none": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (5, 3))}
+
+
+def _attn_case(Nq, Nk, where, kind, dtype, Hq=4, Hkv=2, D=40):
+    d = dict(q=_rn(2, Hq, Nq, D, seed=1), k=_rn(2, Hkv, Nk, D, seed=2), v=_rn(2, Hkv, Nk, D, seed=3))
+    if kind == "overflow":  # every product of one row overflows to +inf: a +inf score in any summation order (with
+        # mixed signs an FMA chain ends at +inf or -inf depending on the order, so SDPA itself is order-dependent)
+        r = Nq // 2 if where == "q" else Nk // 3
+        d[where][1, 0, r] = d[where][1, 0, r].abs() * 1e25
+        other = "k" if where == "q" else "q"
+        d[other] = d[other].abs() * 1e15
+    else:
+        d[where][1, 1, Nq // 2 if where == "q" else Nk // 3, 7] = NONFINITE[kind]
+        d[where][0, 0, 0, 1] = NONFINITE[kind]
+    return {a: t.to(dtype) for a, t in d.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mask", sorted(ATTN_MASKS))
+@pytest.mark.parametrize("Nq", [3, 70], ids=["decode", "tiled"])
+def test_attention_nonfinite_like_sdpa(Nq, mask, dtype, monkeypatch):
+    """NONFINITE_RULE for flash_attention on every backend and ISA: NaN / +-Inf in q, k, v and overflowing scores,
+    unmasked, causal and windowed, the decoding (Nq <= 16) and tiled paths, GQA."""
+    Nk = 70
+    causal, window = ATTN_MASKS[mask]
+    allowed = attention_mask(Nq, Nk, window[0], 0 if causal else window[1])
+    for be, isa in _attention_backends(dtype):
+        if isa:
+            monkeypatch.setenv("FMK_CPU_ISA", isa)
+        else:
+            monkeypatch.delenv("FMK_CPU_ISA", raising=False)
+        for where in "qkv":
+            for kind in [*sorted(NONFINITE), "overflow"]:
+                if kind == "overflow" and where == "v":
+                    continue
+                i = _attn_case(Nq, Nk, where, kind, dtype)
+                peer, may = T.attention_nonfinite_peer(i["q"], i["k"], i["v"], allowed)
+                got = fk.flash_attention(i["q"], i["k"], i["v"], causal=causal, window_size=window, backend=be)
+                assert_nonfinite_like(got, peer, may=may, name=f"{be}/{isa} {kind} in {where} {dtype} Nq={Nq} {mask}")
+        i = _attn_case(Nq, Nk, "q", "nan", dtype)
+        i["q"] = _rn(*i["q"].shape).to(dtype)
+        got = fk.flash_attention(i["q"], i["k"], i["v"], causal=causal, window_size=window, backend=be)
+        assert_nonfinite_like(got, T.attention_nonfinite_peer(i["q"], i["k"], i["v"], allowed)[0],
+                              name=f"{be}/{isa} finite {dtype} Nq={Nq} {mask}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_varlen_nonfinite_like_sdpa(dtype, monkeypatch):
+    """flash_attention_varlen: a non-finite value reaches its own sequence's rows and no other sequence's."""
+    from fmkernels.ops.attention_varlen import flash_attention_varlen
+
+    lens = [37, 70, 5]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    names = available_backends("flash_attention_varlen", "cpu", dtype)
+    for be, isa in [(b, i) for b, i in _attention_backends(dtype) if b in names]:
+        if isa:
+            monkeypatch.setenv("FMK_CPU_ISA", isa)
+        else:
+            monkeypatch.delenv("FMK_CPU_ISA", raising=False)
+        for where in "qkv":
+            for kind in sorted(NONFINITE):
+                x = {a: _rn(sum(lens), 4 if a == "q" else 2, 32, seed=s) for s, a in enumerate("qkv")}
+                x[where][40, 1, 3] = NONFINITE[kind]  # sequence 1, row 3
+                x = {a: t.to(dtype) for a, t in x.items()}
+                got = flash_attention_varlen(x["q"], x["k"], x["v"], cu, cu, max(lens), max(lens), causal=True,
+                                             backend=be)
+                for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                    seq = [x[n][a:b].transpose(0, 1)[None] for n in "qkv"]
+                    peer, may = T.attention_nonfinite_peer(*seq, attention_mask(b - a, b - a, -1, 0))
+                    assert_nonfinite_like(got[a:b].transpose(0, 1)[None], peer, may=may,
+                                          name=f"varlen {be}/{isa} {kind} in {where} {dtype} sequence {s}")

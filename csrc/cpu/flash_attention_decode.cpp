@@ -108,7 +108,11 @@ FMK_AVX512 void decode_chunk_avx512(const DecodeTask& t, const float* Qr, const 
       int64_t j = 0;
       for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(srow + j));
       if (j < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail_mask(n - j), srow + j));
-      const float m_new = std::max(mc[r], _mm512_reduce_max_ps(mx));
+      float m_new = max_nan(mc[r], _mm512_reduce_max_ps(mx));  // a NaN row max: the row goes NaN
+      if (m_new == kNegInf) {  // (rare) nothing visible, unless vmaxps dropped a NaN next to masked scores
+        for (j = 0; j < n; ++j)
+          if (std::isnan(srow[j])) m_new = srow[j];
+      }
       if (m_new == kNegInf) {
         std::fill(srow, srow + n, 0.0f);
         continue;
@@ -196,7 +200,7 @@ void fwd_decode(const DecodeTask& t, const float* Qf, const T* K, const T* V, T*
       for (int64_t r = 0; r < R; ++r) {
         float M = kNegInf;
         for (int64_t ch = 0; ch < t.nchunk; ++ch)
-          M = std::max(M, part[(bhk * t.nchunk + ch) * R * (D + 2) + R * D + r]);
+          M = max_nan(M, part[(bhk * t.nchunk + ch) * R * (D + 2) + R * D + r]);
         const int64_t row = bhk * R + r;  // (b * Hq + hk * grp) * Nq + r
         T* dst = out + row * D;
         if (M == kNegInf) {
@@ -238,7 +242,11 @@ void flash_attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const 
   t.B = B, t.Hq = Hq, t.Hkv = Hkv, t.Nq = Nq, t.Nk = Nk, t.D = D, t.R = (Hq / Hkv) * Nq;
   for (int i = 0; i < 3; ++i) t.ks[i] = kc.stride(i), t.vs[i] = vc.stride(i);
   // Enough tasks for the threads (>= 32 in all) but chunks of >= 256 keys; depends on the shape only.
-  t.nchunk = std::clamp<int64_t>((32 + B * Hkv - 1) / (B * Hkv), 1, std::max<int64_t>(1, Nk / kDecodeSub));
+  // The chunks' fp32 partials (R x (D + 2) floats each) stay within 8x the output's bytes (issue 21: they were
+  // up to 33x fp32 / 66x bf16 at B * Hkv = 1); with q's fp32 copy the temporaries are <= 10x the output.
+  const int64_t max_chunks = std::max<int64_t>(1, 8 * D * q.element_size() / (4 * (D + 2)));
+  t.nchunk = std::clamp<int64_t>((32 + B * Hkv - 1) / (B * Hkv), 1,
+                                 std::max<int64_t>(1, std::min<int64_t>(max_chunks, Nk / kDecodeSub)));
   t.chunk = round_up((Nk + t.nchunk - 1) / t.nchunk, 16);
   t.nchunk = (Nk + t.chunk - 1) / t.chunk;
   t.mask = Mask::of(Nq, Nk, window_left, window_right);

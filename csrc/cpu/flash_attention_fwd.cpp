@@ -19,7 +19,8 @@ struct FwdTask {
   int64_t B, Hq, Hkv, NQ, NKP, nkb, D, Dp;  // NQ: q-side rows per head; NKP: padded key rows per head
   std::vector<Seg> segs;
   std::vector<int64_t> start;  // first task of each segment (Hq * nqb tasks each), then the total
-  float c;                     // softmax_scale * log2(e)
+  float scale;                 // softmax_scale (fp32 path: natural-log units)
+  float c;                     // bf16 path: softmax_scale * log2(e); fp32 path: softmax_scale
   void plan() {
     order_by_cost(segs);
     start.assign(1, 0);
@@ -36,14 +37,16 @@ struct FwdTask {
   }
 };
 
-void fwd_finalize(float* O, int64_t Dp, const float* m, const float* l, int64_t M, float* lse, const Kernels& kn) {
+// m: row maxima in natural-log units (fp32 path) or log2 units (bf16 path, `log2_units`).
+void fwd_finalize(float* O, int64_t Dp, const float* m, const float* l, int64_t M, float* lse, const Kernels& kn,
+                  bool log2_units) {
   for (int64_t i = 0; i < M; ++i) {
     if (l[i] == 0.0f) {
       std::fill(O + i * Dp, O + (i + 1) * Dp, 0.0f);
       lse[i] = kNegInf;
     } else {
       kn.scale_row(O + i * Dp, Dp, 1.0f / l[i]);
-      lse[i] = (m[i] + std::log2(l[i])) * kLn2;
+      lse[i] = log2_units ? (m[i] + std::log2(l[i])) * kLn2 : m[i] + std::log(l[i]);
     }
   }
 }
@@ -77,7 +80,7 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
           kn.abt(rows, keys, t.D, Q + i0 * Qr.sn, Qr.sn, ktb, BK, s, BK);
           if (!full) mask.apply(s, r0 + i0, rows, j0);
           for (int64_t i = i0; i < i0 + rows; ++i) {
-            const float alpha = kn.softmax_row(S.data() + i * BK, keys, t.c, &m[i], &l[i]);
+            const float alpha = kn.softmax_row(S.data() + i * BK, keys, t.scale, &m[i], &l[i]);
             if (alpha != 1.0f) kn.scale_row(O.data() + i * t.Dp, t.Dp, alpha);
           }
           kn.ab(rows, t.Dp, keys, s, BK, 1, vb, Vr.sn, O.data() + i0 * t.Dp, t.Dp);
@@ -89,7 +92,7 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
           part(0, M, BK);
         }
       }
-      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn);
+      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn, false);
       store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out.row(b, h, sg.q0 + r0), out.sn);
     }
   });
@@ -127,7 +130,7 @@ void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, 
                                 O.data(), t.Dp, true);
       }
       reduce_rows16_avx512(lv.data(), M, l.data());
-      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn);
+      fwd_finalize(O.data(), t.Dp, m.data(), l.data(), M, lse + bh * t.NQ + sg.q0 + r0, kn, true);
       store_rows(kn.vec, O.data(), t.Dp, M, t.D, 1.0f, out.row(b, h, sg.q0 + r0), out.sn);
     }
   });
@@ -145,6 +148,7 @@ void fwd_segments(const at::Tensor& qv, const at::Tensor& kv, const at::Tensor& 
   t.Dp = round_up(t.D, 16), t.NKP = NKP, t.nkb = NKP / BK;
   t.segs = std::move(segs);
   t.c = static_cast<float>(scale) * kLog2e;
+  t.scale = static_cast<float>(scale);
   t.plan();
   if (t.start.back() == 0) return;
   const auto keys = [&](const at::Tensor& x, at::ScalarType dt) {

@@ -3,7 +3,7 @@
 Masks follow FlashAttention-2: with Nq queries and Nk keys, query i "sits" at key position i + Nk - Nq
 (bottom-right alignment). Query i sees key j when
     j >= i + Nk - Nq - left   (left >= 0; -1 = unbounded)   and   j <= i + Nk - Nq + right   (right >= 0).
-causal=True is right = 0. Rows that see no key give zeros and lse = -inf.
+causal=True is right = 0. Rows that see no key (or whose scores are all -inf) give zeros and lse = -inf.
 """
 from __future__ import annotations
 
@@ -64,12 +64,11 @@ def flash_attention(
         mask = keys if mask is None else keys & mask
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-        empty = ~mask.any(dim=-1, keepdim=True)  # (Nq, 1): rows that see no key
-        s = s.masked_fill(empty, 0.0)  # keeps softmax finite there; zeroed below
-        p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
-        lse = torch.logsumexp(s, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))  # (B, Hq, Nq)
-    else:
-        p = torch.softmax(s, dim=-1)
-        lse = torch.logsumexp(s, dim=-1)
+    # Rows whose scores are all -inf (masked, or -inf from the data) give zeros and lse = -inf, as SDPA's safe
+    # softmax does; a NaN or +inf score makes its row NaN (softmax's own semantics).
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
+    s = s.masked_fill(empty, 0.0)  # keeps softmax finite there; zeroed below
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))  # (B, Hq, Nq)
     out = torch.matmul(p, vf).to(q.dtype)  # (B, Hq, Nq, D)
     return (out, lse) if return_lse else out

@@ -15,9 +15,11 @@ namespace {
 
 // 2^x for x <= 128; x <= -126 (and -inf) gives 0 (no denormals). 2^f on [-0.5, 0.5] by a Chebyshev-fitted
 // degree-5 polynomial (1.0e-7 relative, fp32 ulp level).
+// NaN in, NaN out (a NaN score reaches the row like in SDPA): `live` is "not <= -126" (unordered: true) and vmaxps
+// returns its second operand when either is NaN.
 FMK_AVX512 static inline __m512 exp2_ps(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
   __m512 p = _mm512_set1_ps(1.34004417095362e-03f);
@@ -36,7 +38,11 @@ FMK_AVX512 static inline __m512 exp2_ps(__m512 x) {
 // Valid for x <= 128 and not NaN (a NaN score stays NaN). Against exp2_ps's degree-3 form (compare, clamp,
 // round, subtract, 3 FMAs, masked scale), with the scale folded into one fmsub, the bf16 fwd went 24.6 -> 23.8 ms
 // (B4 H8 N1024 D64, 2 cores).
+// x is capped at 64 (vminps keeps a NaN second operand): the callers' fused s * c - m is not rounded before the
+// subtraction, so with |m| > 2^31 (scores ~1e9 and up) x could reach ulp(m) / 2 > 128 and give inf, then NaN rows
+// where SDPA is finite.
 FMK_AVX512 static inline __m512 exp2_bf16_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(64.0f), x);
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(0.07802420109510422f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606705129146576f));
@@ -135,8 +141,22 @@ FMK_AVX512 void gemm_ab_avx512(int64_t M, int64_t N, int64_t K, const float* A, 
   for (; i < M; ++i) ab_rows<1>(N, K, A + i * si, si, sk, B, ldb, C + i * ldc, ldc);
 }
 
-// One score row of a forward tile (n multiple of 16): t = s * c (log2 units); online softmax update of the
-// running max m and sum l; s becomes p = 2^(t - m_new). Returns the factor the output row must be scaled by.
+// Whether x[0, n) (n multiple of 16) holds a NaN. vmaxps drops a NaN in one operand, so a NaN next to masked
+// (-inf) scores can leave a row max of -inf: the rare "nothing visible" branches check with this.
+FMK_AVX512 static inline bool any_nan_avx512(const float* x, int64_t n) {
+  __mmask16 k = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    k |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return k != 0;
+}
+
+// One score row of a forward tile (n multiple of 16): t = s * c (c = softmax_scale: natural-log units); online
+// softmax update of the running max m and sum l; s becomes p = e^(t - m_new) = 2^((t - m_new) log2(e)). Returns
+// the factor the output row must be scaled by. Natural units (one more multiply per score than log2 units) so that
+// lse = m + ln(l) is what the backward subtracts, with no log2 <-> ln round trip: a row that sees one key gets
+// p = 2^0 = 1 exactly in the backward (the round trip gave 1 +- 1e-5 at scores ~100: dv 31.8x PyTorch's error).
 FMK_AVX512 float softmax_row_avx512(float* s, int64_t n, float c, float* m, float* l) {
   const __m512 vc = _mm512_set1_ps(c);
   __m512 mx = _mm512_set1_ps(kNegInf);
@@ -147,20 +167,23 @@ FMK_AVX512 float softmax_row_avx512(float* s, int64_t n, float c, float* m, floa
   }
   // Lazy rescaling: keep the running max unless the tile's max exceeds it by more than kRescale (log2 units),
   // so most tiles skip the output rescale; p <= 2^kRescale stays exact in fp32 and the final 1/l is unchanged.
+  // Non-finite scores (SDPA's semantics): a NaN score makes p, l and the row NaN (exp2_ps keeps NaN; a NaN
+  // tile_max makes alpha NaN); a +inf score makes m = +inf and p = 2^(inf - inf) = NaN; a row whose scores are
+  // all -inf (masked or not) gives zeros.
   const float tile_max = _mm512_reduce_max_ps(mx);
   float alpha = 1.0f;
-  if (tile_max > *m + kRescale || *m == kNegInf) {
-    if (tile_max == kNegInf) {  // nothing visible yet on this row
+  if (tile_max > *m + kRescale * kLn2 || *m == kNegInf) {
+    if (tile_max == kNegInf && !any_nan_avx512(s, n)) {  // nothing visible yet on this row
       std::fill(s, s + n, 0.0f);
       return 1.0f;
     }
-    alpha = std::exp2(*m - tile_max);  // 0 when *m == -inf
+    alpha = std::exp2((*m - tile_max) * kLog2e);  // 0 when *m == -inf
     *m = tile_max;
   }
-  const __m512 vm = _mm512_set1_ps(*m);
+  const __m512 vm = _mm512_set1_ps(*m), vl = _mm512_set1_ps(kLog2e);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
+    const __m512 p = exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm), vl));
     _mm512_storeu_ps(s + j, p);
     sum = _mm512_add_ps(sum, p);
   }
@@ -173,11 +196,14 @@ FMK_AVX512 void scale_row_avx512(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), va));
 }
 
-// Backward row: s := p = 2^(s * c - lse2); dp := p * (dp - delta). lse2 = +inf on rows that see no key.
-FMK_AVX512 void bwd_row_avx512(float* s, float* dp, int64_t n, float c, float lse2, float delta) {
-  const __m512 vc = _mm512_set1_ps(c), vl = _mm512_set1_ps(lse2), vd = _mm512_set1_ps(delta);
+// Backward row: s := p = e^(s * c - lse) (c = softmax_scale, lse natural; s * c rounded as in the forward, so a
+// row's p reproduce the forward's); dp := p * (dp - delta). lse = +inf on rows that see no key.
+FMK_AVX512 void bwd_row_avx512(float* s, float* dp, int64_t n, float c, float lse, float delta) {
+  const __m512 vc = _mm512_set1_ps(c), vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
+  const __m512 vlog2e = _mm512_set1_ps(kLog2e);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl));
+    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vc), vl);
+    const __m512 p = exp2_ps(_mm512_mul_ps(t, vlog2e));
     _mm512_storeu_ps(s + j, p);
     _mm512_storeu_ps(dp + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd)));
   }
@@ -203,31 +229,33 @@ void gemm_ab_portable(int64_t M, int64_t N, int64_t K, const float* A, int64_t s
   for (int64_t i = 0; i < M; ++i) {
     float* c = C + i * ldc;
     for (int64_t k = 0; k < K; ++k) {
-      const float a = A[i * si + k * sk];
-      if (a == 0.0f) continue;
+      const float a = A[i * si + k * sk];  // no skip of a == 0: 0 * NaN is NaN, as in the AVX-512 kernel
       const float* b = B + k * ldb;
       for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
+// NaN-sticky max (std::max drops a NaN second argument): a row whose scores are all NaN must not look empty.
+inline float max_nan(float a, float b) { return (b > a || std::isnan(b)) && !std::isnan(a) ? b : a; }
+
 float softmax_row_portable(float* s, int64_t n, float c, float* m, float* l) {
   float mx = kNegInf;
   for (int64_t j = 0; j < n; ++j) {
     s[j] *= c;
-    mx = std::max(mx, s[j]);
+    mx = max_nan(mx, s[j]);
   }
-  const float m_new = std::max(*m, mx);
+  const float m_new = max_nan(*m, mx);
   if (m_new == kNegInf) {
     std::fill(s, s + n, 0.0f);
     return 1.0f;
   }
   float sum = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp2(s[j] - m_new);
+    s[j] = std::exp2((s[j] - m_new) * kLog2e);
     sum += s[j];
   }
-  const float alpha = std::exp2(*m - m_new);
+  const float alpha = std::exp2((*m - m_new) * kLog2e);
   *l = *l * alpha + sum;
   *m = m_new;
   return alpha;
@@ -237,9 +265,10 @@ void scale_row_portable(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
 
-void bwd_row_portable(float* s, float* dp, int64_t n, float c, float lse2, float delta) {
+void bwd_row_portable(float* s, float* dp, int64_t n, float c, float lse, float delta) {
   for (int64_t j = 0; j < n; ++j) {
-    const float p = std::exp2(s[j] * c - lse2);
+    const float t = s[j] * c;  // rounded as in the forward (no fused multiply-subtract)
+    const float p = std::exp2((t - lse) * kLog2e);
     s[j] = p;
     dp[j] = p * (dp[j] - delta);
   }

@@ -101,14 +101,20 @@ FMK_AVX512_BF16 __attribute__((always_inline)) static inline void softmax_row_bf
   __m512 mx = _mm512_max_ps(_mm512_max_ps(t[0], t[1]), _mm512_max_ps(t[2], t[3]));
   if constexpr (RAW) mx = _mm512_mul_ps(mx, vc);
   float alpha = 1.0f;
-  // *m == -inf: m + kRescale is -inf and any finite lane triggers; all lanes -inf: nothing visible yet.
-  if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(*m + kRescale), _CMP_GT_OQ) != 0) {
+  // *m == -inf: m + kRescale is -inf and any finite lane triggers; all lanes -inf: nothing visible yet. A NaN
+  // lane (or m) triggers too (unordered: true), so a row of NaN scores goes NaN rather than looking empty.
+  if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(*m + kRescale), _CMP_NLE_UQ) != 0) {
     const float tile_max = _mm512_reduce_max_ps(mx);
     alpha = std::exp2(*m - tile_max);  // 0 when *m == -inf
     *m = tile_max;
   } else if (*m == kNegInf) {
-    std::fill(p, p + BK, bf16(0.0f));
-    return;
+    __mmask16 nan = 0;  // (rare branch) a NaN dropped by vmaxps next to masked scores: the row goes NaN
+    for (int v = 0; v < 4; ++v) nan |= _mm512_cmp_ps_mask(t[v], t[v], _CMP_UNORD_Q);
+    if (nan == 0) {
+      std::fill(p, p + BK, bf16(0.0f));
+      return;
+    }
+    *m = std::numeric_limits<float>::quiet_NaN();
   }
   const __m512 vm = _mm512_set1_ps(*m);
   __m512 sum = _mm512_setzero_ps();

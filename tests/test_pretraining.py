@@ -114,6 +114,21 @@ def test_muon_state_round_trip_and_mismatch():
 
 
 # ------------------------------------------------------------------------------------------------------ schedule
+def test_optimizer_auto_is_muon_only_for_pretraining_from_scratch(tmp_path):
+    from fmkernels.train.optim import resolved_optimizer
+    assert TrainConfig().optimizer == "auto" and resolved_optimizer(TrainConfig()) == "muon"
+    for kw in (dict(lora_rank=4), dict(qat="int8"), dict(int8_training=True), dict(sparsity="2:4"),
+               dict(distributed="fsdp")):
+        assert resolved_optimizer(TrainConfig(**kw)) == "adamw", kw
+    assert resolved_optimizer(TrainConfig(), fsdp=True) == "adamw"
+    assert resolved_optimizer(TrainConfig(optimizer="muon")) == "muon"
+    assert resolved_optimizer(TrainConfig(optimizer="adamw")) == "adamw"
+    TrainConfig.build(overrides=dict(distributed="fsdp")).validate()  # auto + fsdp is fine; an explicit muon is not
+    # a module tree without block matrices: auto falls back to AdamW instead of refusing
+    opt = make_optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4)), TrainConfig(), fsdp=False)
+    assert isinstance(opt, torch.optim.AdamW)
+
+
 def test_wsd_schedule():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, lr_schedule="wsd", decay_fraction=0.2)
     assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)  # warmup as cosine's
@@ -122,8 +137,9 @@ def test_wsd_schedule():
     assert lr_at(cfg, 80, 0.8) == pytest.approx(1.0)  # decay starts at 1 - decay_fraction
     assert lr_at(cfg, 90, 0.9) == pytest.approx(0.55)  # linear to min_lr_ratio
     assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
-    cos = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(cos, 50, 0.5) == pytest.approx(0.55)  # the default is still cosine
+    assert TrainConfig().lr_schedule == "wsd"  # the default since the make train ablation
+    cos = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, lr_schedule="cosine")
+    assert lr_at(cos, 50, 0.5) == pytest.approx(0.55)
     for bad in (dict(lr_schedule="linear"), dict(decay_fraction=0.0), dict(optimizer="sgd"), dict(muon_lr=-1.0),
                 dict(logit_softcap=0.0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):

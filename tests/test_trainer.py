@@ -186,7 +186,7 @@ def _yaml(tmp_path, text):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100)
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100, lr_schedule="cosine")
     assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
     assert lr_at(cfg, 9, 0.09) == pytest.approx(1.0)
     assert lr_at(cfg, 50, 0.5) == pytest.approx(0.55)

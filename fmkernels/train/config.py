@@ -121,7 +121,8 @@ class ModelSection(Section):
     dropout: float = opt(0.0, "dropout probability")
     init_std: float = opt(0.02, "weight init standard deviation")
     attention: str = opt("auto", "attention kernel: fused flash attention, or PyTorch SDPA", ("auto", "flash", "sdpa"))
-    qk_norm: bool = opt(False, "per-head RMSNorm of q and k before RoPE (QK-norm)")
+    qk_norm: bool = opt(True, "per-head RMSNorm of q and k before RoPE (QK-norm; make train: -0.06 bits per byte with "
+                              "Muon + wsd, docs/pretraining.md)")
     logit_softcap: Optional[float] = opt(None, "cap output logits at c * tanh(logits / c) (materializes the logits: "
                                          "the fused linear + cross-entropy has no cap)", default_text="off")
     model_impl: str = opt("fmkernels", "fmkernels (fused kernels) or plain (the plain-PyTorch twin)",
@@ -166,15 +167,16 @@ class OptimSection(Section):
     max_steps: int = opt(1_000_000, "optimizer steps (given alone: a step-based, reproducible run)")
     max_time_s: Optional[float] = opt(300.0, "stop after this much training time; the lr schedule then follows time "
                                              "(dropped when max_steps is given without it)")
-    optimizer: str = opt("adamw", "adamw: AdamW for every parameter; muon: Muon (momentum, Newton-Schulz "
-                                  "orthogonalized, 5 iterations in bf16) for the blocks' 2-D weight matrices, AdamW for "
-                                  "embeddings, head and norms", ("adamw", "muon"))
+    optimizer: str = opt("auto", "muon: Muon (momentum, Newton-Schulz orthogonalized, 5 iterations in bf16) for the "
+                                 "blocks' 2-D weight matrices, AdamW for embeddings, head and norms; adamw: AdamW for "
+                                 "every parameter; auto: muon when pretraining from scratch (no init_from, LoRA, QAT, "
+                                 "int8 training, sparsity or FSDP), else adamw", ("auto", "adamw", "muon"))
     muon_lr: Optional[float] = opt(None, "Muon's peak lr, scaled per matrix by sqrt(max(1, out / in)) (Keller Jordan's); none: "
                                    "lr with the AdamW-matched update RMS (0.2 * sqrt(max(out, in)); Moonshot), so lr "
                                    "and weight_decay carry over", default_text="none: lr, RMS-matched")
     muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)")
     lr: float = opt(3e-3, "peak learning rate")
-    lr_schedule: str = opt("cosine", "cosine: warmup then cosine decay to min_lr_ratio * lr; wsd: warmup, constant lr, "
+    lr_schedule: str = opt("wsd", "cosine: warmup then cosine decay to min_lr_ratio * lr; wsd: warmup, constant lr, "
                                      "then a linear decay to min_lr_ratio * lr over the last decay_fraction of the run",
                            ("cosine", "wsd"))
     decay_fraction: float = opt(0.2, "wsd: share of the run (steps or training time) spent decaying")
@@ -191,7 +193,7 @@ class OptimSection(Section):
         _choice(self, "pack_mode", ("document", "concat"))
         if self.lr <= 0:
             _bad(self, "lr", "must be > 0")
-        _choice(self, "optimizer", ("adamw", "muon"))
+        _choice(self, "optimizer", ("auto", "adamw", "muon"))
         _choice(self, "lr_schedule", ("cosine", "wsd"))
         if self.muon_lr is not None and not self.muon_lr > 0:
             _bad(self, "muon_lr", "must be > 0 (or none: lr, RMS-matched)")

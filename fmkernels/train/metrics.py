@@ -16,6 +16,7 @@ import torch
 from ..data import bits_per_byte, eval_windows
 from ..models.config import ConfigError
 from ..data.compressor import compressor_baseline
+from .optim import resolved_optimizer
 
 CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
               "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
@@ -195,4 +196,5 @@ def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
             f"(dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads / {mcfg.n_kv_heads} kv, "
             f"vocab {mcfg.vocab_size}); corpus {corpus} hash {data.corpus_hash[:16]} "
             f"({len(data.train):,} train / {len(data.val):,} val tokens, {data.n_docs[0]}/{data.n_docs[1]} docs); "
-            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}")
+            f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}; "
+            f"optimizer {resolved_optimizer(cfg, info.mode == 'fsdp')}, {getattr(cfg, 'lr_schedule', 'cosine')} schedule")

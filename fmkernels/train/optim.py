@@ -133,8 +133,24 @@ class MultiOptimizer:
             o.load_state_dict(s)
 
 
-def make_optimizer(model, cfg, fsdp: bool, n_layers: int = 0):
+def resolved_optimizer(cfg, fsdp: bool = False) -> str:
+    """'adamw' or 'muon' for cfg.optimizer; 'auto' is Muon where it was measured to win (make train, pretraining from
+    scratch: docs/pretraining.md) and AdamW where it was not measured or cannot run: fine-tuning a checkpoint, LoRA,
+    QAT, int8 training, 2:4 sparsity (a dense orthogonalized update), FSDP (sharded matrices)."""
     optimizer = getattr(cfg, "optimizer", "adamw")
+    if optimizer != "auto":
+        return optimizer
+    elsewhere = (fsdp or getattr(cfg, "distributed", "auto") == "fsdp" or getattr(cfg, "init_from", None)
+                 or getattr(cfg, "lora_rank", 0) or getattr(cfg, "qat", None) or getattr(cfg, "int8_training", False)
+                 or getattr(cfg, "sparsity", None))
+    return "adamw" if elsewhere else "muon"
+
+
+def make_optimizer(model, cfg, fsdp: bool, n_layers: int = 0):
+    optimizer = resolved_optimizer(cfg, fsdp)
+    if optimizer == "muon" and getattr(cfg, "optimizer", "adamw") == "auto" and not any(
+            is_muon_param(n, p) for n, p in model.named_parameters() if p.requires_grad):
+        optimizer = "adamw"  # auto on a model without block matrices (a custom module tree)
     if optimizer == "muon":
         return make_muon(model, cfg, fsdp, n_layers)
     groups = param_groups(model, cfg.weight_decay, n_layers, cfg.layer_lr_decay)

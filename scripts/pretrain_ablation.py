@@ -31,12 +31,15 @@ BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 # (name, technique, switches): `default` is make train's config (fmkernels/train/config.py defaults)
 VARIANTS: list[tuple[str, str, list[str]]] = [
-    ("default", "make train's config (fmk train with no arguments)", []),
+    ("default", "make train's config (fmk train with no arguments: Muon, wsd, QK-norm, document packing)", []),
+    # the previous default (AdamW, cosine, no QK-norm), then each of today's techniques taken out of the default
+    ("adamw_cosine", "the previous default: AdamW, cosine schedule, no QK-norm",
+     ["--optimizer", "adamw", "--lr_schedule", "cosine", "--qk_norm", "false"]),
+    ("no_muon", "AdamW for every parameter instead of Muon", ["--optimizer", "adamw"]),
+    ("no_wsd", "cosine schedule instead of warmup-stable-decay", ["--lr_schedule", "cosine"]),
+    ("no_qk_norm", "no QK-norm", ["--qk_norm", "false"]),
     ("concat", "document-masked packing off (one token stream)", ["--pack_mode", "concat"]),
-    ("muon", "Muon for the block matrices, lr and weight decay RMS-matched to AdamW", ["--optimizer", "muon"]),
-    ("muon_lr02", "Muon at its own lr 0.02 (Keller Jordan's scaling)", ["--optimizer", "muon", "--muon_lr", "0.02"]),
-    ("wsd", "warmup-stable-decay schedule (last 20% decays)", ["--lr_schedule", "wsd"]),
-    ("qk_norm", "QK-norm (per-head RMSNorm of q and k)", ["--qk_norm", "true"]),
+    ("muon_lr02", "Muon at its own lr 0.02 (Keller Jordan's scaling)", ["--muon_lr", "0.02"]),
     ("softcap", "logit soft-capping at 30 (unfused cross-entropy)", ["--logit_softcap", "30"]),
     ("vocab2048", "BPE vocabulary 2048", ["--vocab_size", "2048"]),
     ("vocab8192", "BPE vocabulary 8192", ["--vocab_size", "8192"]),
@@ -44,15 +47,14 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("narrow_deep", "dim 192, 6 layers, 4 heads", ["--dim", "192", "--n_layers", "6", "--n_heads", "4"]),
     ("untied", "untied output head", ["--tie_embeddings", "false"]),
     ("lr6e-3", "peak lr x2", ["--lr", "6e-3"]),
-    ("batch32", "batch 32 windows", ["--batch_size", "32"]),
+    ("batch32", "batch 32 windows (Muon's Newton-Schulz cost is per optimizer step: a larger batch amortizes it)",
+     ["--batch_size", "32"]),
     ("seq512", "sequence 512 (batch 8: same tokens per step)", ["--seq_len", "512", "--batch_size", "8"]),
     ("fp32", "fp32 instead of bf16 autocast", ["--dtype", "fp32"]),
-    ("int8", "int8 forward/backward matmuls", ["--int8_training", "true"]),
-    ("muon_batch32", "Muon with batch 32 (its Newton-Schulz cost is per optimizer step: a larger batch amortizes it)",
-     ["--optimizer", "muon", "--batch_size", "32"]),
-    ("muon_wsd_qknorm", "Muon + wsd + QK-norm together (Muon runs often pair with both)",
-     ["--optimizer", "muon", "--lr_schedule", "wsd", "--qk_norm", "true"]),
-    # the plain-PyTorch anchor (models/plain.py: nn.Linear, SDPA, materialized logits; no packed-document path)
+    ("int8", "int8 forward/backward matmuls (Muon kept explicitly: auto picks AdamW with int8 training)",
+     ["--int8_training", "true", "--optimizer", "muon"]),
+    # the plain-PyTorch anchor (models/plain.py: nn.Linear, SDPA, materialized logits; no packed-document path),
+    # with the default's optimizer, schedule and QK-norm
     ("plain", "anchor: plain PyTorch twin, eager", ["--model_impl", "plain"]),
     ("plain_compile", "anchor: plain PyTorch twin under torch.compile", ["--model_impl", "plain", "--compile", "true"]),
 ]
@@ -151,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", default="", help="extra fmk train arguments for every run (a quoted string)")
     p.add_argument("--runs_dir", default=None, help="where the runs go (default: runs/ablation-<time>; must not "
                    "hold runs of the same names)")
+    p.add_argument("--include", default="", help="comma list of earlier RUNS_DIRs whose results.json rows join the "
+                   "table (rows run now win on a name clash; each keeps its commit)")
     p.add_argument("--doc", default=str(REPO / "docs" / "pretraining.md"), help="markdown file to write the table into")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     a = p.parse_args(argv)
@@ -184,7 +188,17 @@ def main(argv=None) -> int:
         rows.append(run_one(n, switches[n], a.budget_s, runs_dir, common, log))
         (runs_dir / "results.json").write_text(json.dumps(dict(budget_s=a.budget_s, machine=machine(),
                                                               commit=commit(), runs=rows), indent=1))
-    body = table(rows, technique, a.budget_s, cmdline)
+    earlier = []
+    for d in filter(None, (x.strip() for x in a.include.split(","))):
+        res = json.loads((Path(d) / "results.json").read_text())
+        for r in res["runs"]:
+            if r["name"] not in names and r["name"] in technique and r["name"] not in {e["name"] for e in earlier}:
+                earlier.append({**r, "commit": res.get("commit"), "budget_s": res.get("budget_s")})
+    order = {n: i for i, n in enumerate(NAMES)}
+    rows_all = sorted(earlier + rows, key=lambda r: order[r["name"]])
+    for r in earlier:
+        technique[r["name"]] = f"{technique[r['name']]} (run earlier at commit {r['commit']}, {r['budget_s']:g} s)"
+    body = table(rows_all, technique, a.budget_s, cmdline)
     write_doc(Path(a.doc), body)
     print(body)
     print(f"written: {a.doc}; runs: {runs_dir}")

@@ -192,6 +192,38 @@ def test_cpu_portable_fallback(isa, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_fp32_backward_exact_on_tied_rows_at_large_scores(isa, causal, monkeypatch):
+    """Scores ~1e4 (the fp32 lse is off from m + ln l by up to half an ulp, 5e-4) and every row's two best keys tied
+    (p = 1/2 each, exactly, in fp64): dV = P^T dO must be the fp32 sum of N terms (worst case N eps relative). Before
+    the backward corrected such rows' mass, the rounded lse scaled their p by 1 +- 5e-4 (measured dv error at scores
+    ~1e3: 4.1e-4 before, 1.7e-6 after, max |dv| ~10)."""
+    if isa == "portable":
+        monkeypatch.setenv("FMK_CPU_ISA", "portable")
+    elif fk._ext.cpu_ext().isa() != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
+    torch.manual_seed(0)
+    B, H, N, D = 1, 2, 96, 32
+    u = torch.randn(D)
+    u = u / u.norm()
+    k = torch.cat([u.repeat(2, 1), -u.repeat(2, 1), 0.1 * torch.randn(N - 4, D)]).expand(B, H, N, D).contiguous()
+    sign = torch.where(torch.arange(N) % 2 == 0, 1.0, -1.0)
+    q = ((8000 + 4000 * torch.rand(N)) * sign)[:, None] * u * math.sqrt(D) + torch.randn(N, D) * 0.01
+    q = q.expand(B, H, N, D).contiguous()
+    v, do = torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+    lq, lk, lv = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = fk.flash_attention(lq, lk, lv, causal=causal, return_lse=True, backend="cpu")
+    assert lse[..., 4:].abs().min() > 5000  # the regime under test (causal rows 0..3 see fewer keys)
+    dv = torch.autograd.grad(out, lv, do)[0]
+    mask = attention_mask(N, N, -1, 0 if causal else -1)
+    l64 = [t.double().requires_grad_() for t in (q, k, v)]
+    dv64 = torch.autograd.grad(F.scaled_dot_product_attention(*l64, attn_mask=mask), l64[2], do.double())[0]
+    err = (dv.double() - dv64).abs().max().item()
+    assert err <= N * torch.finfo(torch.float32).eps * dv64.abs().max().item(), err
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 130), (1, 1, 1, 300)], ids=["heads", "key-chunks"])
 def test_cpu_backward_deterministic(dtype, shape):

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -122,11 +123,68 @@ void bwd_tasks(const BwdTask& t, int64_t nq_rows, bool padded_q, float* dq_acc, 
   });
 }
 
+// The fp32 lse is m + ln l rounded to fp32: off by up to half an ulp, 3e-5 at |lse| = 1e3 (q scale 1e3 in the
+// fuzz), which scales every p of the row alike, so on a near one-hot row p_dom = 1 +- 3e-5 where SDPA's is 1 to
+// the fp32 ulp (dV broke the 2x rule). Rows with |lse| >= kLseExact get corr = ln sum_k e^(s_k scale - lse) over
+// the backward's own scores (fp64 sum), and the backward uses p = e^((s scale - lse) - corr), whose row sums to 1 to
+// fp32 rounding. Below 64 the rounding is at most 2^-18 of p, under the scores' own rounding at such |s|.
+// scripts/attention_2x_rule_rates.py, 400 fp32 fuzz-like cases at q scale 1e3 breaking the 2x rule: 38 before
+// (dv 27), 8-13 after; SDPA against itself with the head dim permuted (the same math, another fp32 summation
+// order) breaks it in 75: what is left is the scores' own rounding, which no kernel chooses.
+// Cost: none while every |lse| < 64 (one scan of lse); else one more Q K^T tile GEMM over the flagged rows' (query
+// block, key block) pairs (fp32 B1 H8 N2048 D64 causal with every row flagged, q scale 100: bwd 57 -> 70 ms, +22%).
+constexpr float kLseExact = 64.0f;
+
+std::vector<float> lse_corrections(const BwdTask& t, Rows<float> Qr, const float* Kt, const float* lse,
+                                   const Kernels& kn) {
+  const auto flagged = [](float l) { return std::isfinite(l) && std::abs(l) >= kLseExact; };
+  const int64_t npair = int64_t(t.segs.size()) * t.Hq, grp = t.Hq / t.Hkv;
+  std::vector<uint8_t> need(npair, 0);
+  bool any = false;
+  for (int64_t p = 0; p < npair; ++p) {
+    const Seg& sg = t.segs[p / t.Hq];
+    const float* l = lse + (sg.b * t.Hq + p % t.Hq) * t.NQ + sg.q0;
+    for (int64_t r = 0; r < sg.nq && !need[p]; ++r) need[p] = flagged(l[r]);
+    any = any || need[p];
+  }
+  if (!any) return {};
+  std::vector<float> corr(t.B * t.Hq * t.NQ, 0.0f);
+  at::parallel_for(0, npair, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> S(BQ * BK);
+    std::vector<double> mass;
+    for (int64_t p = p0; p < p1; ++p) {
+      if (!need[p]) continue;
+      const Seg& sg = t.segs[p / t.Hq];
+      const int64_t h = p % t.Hq, bh = sg.b * t.Hq + h, bhk = sg.b * t.Hkv + h / grp;
+      const float* l = lse + bh * t.NQ + sg.q0;
+      mass.assign(sg.nq, 0.0);
+      for (int64_t kb = 0; kb < sg.nkb(); ++kb) {
+        const int64_t j0 = kb * BK;
+        const auto [qlo, qhi] = sg.mask.rows_of_keys(j0, std::min(j0 + BK, sg.nk));
+        const float* ktb = Kt + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
+        for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {  // the backward's query blocks (same tiles, same scores)
+          const int64_t M = std::min(BQ, qhi - r0);
+          if (std::none_of(l + r0, l + r0 + M, flagged)) continue;
+          kn.abt(M, BK, t.D, Qr.row(bh, sg.q0 + r0), Qr.sn, ktb, BK, S.data(), BK);
+          if (!sg.mask.full(r0, r0 + M, j0)) sg.mask.apply(S.data(), r0, M, j0);
+          for (int64_t i = 0; i < M; ++i)
+            if (flagged(l[r0 + i])) mass[r0 + i] += kn.row_mass(S.data() + i * BK, BK, t.scale, l[r0 + i]);
+        }
+      }
+      float* c = corr.data() + bh * t.NQ + sg.q0;
+      for (int64_t r = 0; r < sg.nq; ++r)
+        if (flagged(l[r]) && mass[r] > 0.0 && std::isfinite(mass[r])) c[r] = static_cast<float>(std::log(mass[r]));
+    }
+  });
+  return corr;
+}
+
 template <typename T>
 void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt, const float* Vt, Rows<float> Kr,
               const float* lse2, const float* delta, float* dq_acc, OutRows<T> dq, OutRows<T> dk, OutRows<T> dv,
               float scale) {
   const Kernels kn = kernels();
+  const std::vector<float> corr = lse_corrections(t, Qr, Kt, lse2, kn);
   struct Scratch {
     std::vector<float> S, dP;
   };
@@ -143,6 +201,7 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
     const float* kfb = Kr.row(bhk, sg.k0 + j0);
     const float* lse2s = lse2 + bh * t.NQ + sg.q0;
     const float* deltas = delta + bh * t.NQ + sg.q0;
+    const float* corrs = corr.empty() ? nullptr : corr.data() + bh * t.NQ + sg.q0;
     for (int64_t r0 = qlo; r0 < qhi; r0 += BQ) {
       const int64_t M = std::min(BQ, qhi - r0);
       const float* Q = Qr.row(bh, sg.q0 + r0);
@@ -159,7 +218,8 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
       kn.abt(M - top, BK, t.D, dO + top * dOr.sn, dOr.sn, vtb, BK, dP + top * BK, BK);
       if (!mask.full(r0, r0 + M, j0)) mask.apply(S, r0, M, j0);
       for (int64_t i = 0; i < M; ++i)
-        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.scale, lse2s[r0 + i], deltas[r0 + i]);
+        kn.bwd_row(S + i * BK, dP + i * BK, i < top ? top_keys : BK, t.scale, lse2s[r0 + i],
+                   corrs ? corrs[r0 + i] : 0.0f, deltas[r0 + i]);
       if (split) {  // keys [0, kHalf) get every row; keys [kHalf, BK) only the rows below `top`
         kn.ab(kHalf, t.Dp, M, S, 1, BK, dO, dOr.sn, dva, t.Dp);
         kn.ab(BK - kHalf, t.Dp, M - top, S + top * BK + kHalf, 1, BK, dO + top * dOr.sn, dOr.sn,

@@ -196,17 +196,32 @@ FMK_AVX512 void scale_row_avx512(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), va));
 }
 
-// Backward row: s := p = e^(s * c - lse) (c = softmax_scale, lse natural; s * c rounded as in the forward, so a
-// row's p reproduce the forward's); dp := p * (dp - delta). lse = +inf on rows that see no key.
-FMK_AVX512 void bwd_row_avx512(float* s, float* dp, int64_t n, float c, float lse, float delta) {
+// Backward row: s := p = e^((s * c - lse) - corr) (c = softmax_scale, lse natural; s * c rounded as in the forward,
+// so a row's p reproduce the forward's; corr: 0, or the row-mass correction of a row with a large |lse|, see
+// lse_corrections); dp := p * (dp - delta). lse = +inf on rows that see no key.
+FMK_AVX512 void bwd_row_avx512(float* s, float* dp, int64_t n, float c, float lse, float corr, float delta) {
   const __m512 vc = _mm512_set1_ps(c), vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
-  const __m512 vlog2e = _mm512_set1_ps(kLog2e);
+  const __m512 vlog2e = _mm512_set1_ps(kLog2e), vcorr = _mm512_set1_ps(corr);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vc), vl);
+    const __m512 t = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vc), vl), vcorr);
     const __m512 p = exp2_ps(_mm512_mul_ps(t, vlog2e));
     _mm512_storeu_ps(s + j, p);
     _mm512_storeu_ps(dp + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd)));
   }
+}
+
+// sum_j e^(s_j * c - lse) over a backward row's scores, with s * c - lse rounded as bwd_row_avx512 rounds it,
+// summed in fp64 (lse_corrections: rows with a large |lse|).
+FMK_AVX512 double row_mass_avx512(const float* s, int64_t n, float c, float lse) {
+  const __m512 vc = _mm512_set1_ps(c), vl = _mm512_set1_ps(lse), vlog2e = _mm512_set1_ps(kLog2e);
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vc), vl);
+    const __m512 e = exp2_ps(_mm512_mul_ps(t, vlog2e));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+  }
+  return _mm512_reduce_add_pd(acc);
 }
 
 // ================================================================ portable kernels
@@ -265,13 +280,22 @@ void scale_row_portable(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
 
-void bwd_row_portable(float* s, float* dp, int64_t n, float c, float lse, float delta) {
+void bwd_row_portable(float* s, float* dp, int64_t n, float c, float lse, float corr, float delta) {
   for (int64_t j = 0; j < n; ++j) {
     const float t = s[j] * c;  // rounded as in the forward (no fused multiply-subtract)
-    const float p = std::exp2((t - lse) * kLog2e);
+    const float p = std::exp2(((t - lse) - corr) * kLog2e);
     s[j] = p;
     dp[j] = p * (dp[j] - delta);
   }
+}
+
+double row_mass_portable(const float* s, int64_t n, float c, float lse) {
+  double mass = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float t = s[j] * c;
+    mass += std::exp2((t - lse) * kLog2e);
+  }
+  return mass;
 }
 
 struct Kernels {
@@ -279,14 +303,16 @@ struct Kernels {
   void (*ab)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
   float (*softmax_row)(float*, int64_t, float, float*, float*);
   void (*scale_row)(float*, int64_t, float);
-  void (*bwd_row)(float*, float*, int64_t, float, float, float);
+  void (*bwd_row)(float*, float*, int64_t, float, float, float, float);
+  double (*row_mass)(const float*, int64_t, float, float);
   bool vec;  // AVX-512 stores (store_rows)
 };
 
 Kernels kernels() {
   if (use_avx512())
-    return {gemm_abt_avx512, gemm_ab_avx512, softmax_row_avx512, scale_row_avx512, bwd_row_avx512, true};
-  return {gemm_abt_portable, gemm_ab_portable, softmax_row_portable, scale_row_portable, bwd_row_portable, false};
+    return {gemm_abt_avx512, gemm_ab_avx512, softmax_row_avx512, scale_row_avx512, bwd_row_avx512, row_mass_avx512, true};
+  return {gemm_abt_portable, gemm_ab_portable, softmax_row_portable, scale_row_portable, bwd_row_portable, row_mass_portable,
+          false};
 }
 
 }  // namespace

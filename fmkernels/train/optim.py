@@ -1,5 +1,5 @@
 """The optimizer and schedule of a run: AdamW (fused where available) over parameter groups by (layer-wise lr scale,
-weight decay or not), or Muon (torch.optim.Muon) for the blocks' 2-D weight matrices with AdamW for the rest;
+weight decay or not), or Muon (BatchedMuon: torch.optim.Muon with batched Newton-Schulz) for the blocks' 2-D weight matrices with AdamW for the rest;
 linear warmup then cosine decay to min_lr_ratio * lr, or warmup-stable-decay (wsd)."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..models.config import ConfigError
+from .muon import BatchedMuon
 
 
 def lr_at(cfg, step: int, progress: float) -> float:
@@ -120,11 +121,13 @@ class MultiOptimizer:
             o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers],
-                "kinds": [type(o).__name__ for o in self.optimizers]}
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "kinds": self.kinds()}
+
+    def kinds(self) -> list[str]:
+        return [getattr(o, "kind", type(o).__name__) for o in self.optimizers]
 
     def load_state_dict(self, sd: dict) -> None:
-        kinds = [type(o).__name__ for o in self.optimizers]
+        kinds = self.kinds()
         if not isinstance(sd, dict) or sd.get("kinds") != kinds:
             got = sd.get("kinds") if isinstance(sd, dict) and "kinds" in sd else "a single optimizer's state"
             raise ConfigError(f"config: optimizer: the checkpoint holds {got}, this run builds {kinds} "
@@ -186,7 +189,7 @@ def make_muon(model, cfg, fsdp: bool, n_layers: int = 0) -> MultiOptimizer:
     opts = []
     if muon_groups:
         adjust = "match_rms_adamw" if cfg.muon_lr is None else "original"
-        opts.append(torch.optim.Muon(list(muon_groups.values()), lr=cfg.lr * ratio, weight_decay=cfg.weight_decay,
+        opts.append(BatchedMuon(list(muon_groups.values()), lr=cfg.lr * ratio, weight_decay=cfg.weight_decay,
                                      momentum=cfg.muon_momentum, nesterov=True, ns_steps=5, adjust_lr_fn=adjust))
     if other:
         opts.append(adamw(list(other.values()), cfg, fsdp))

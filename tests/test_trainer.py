@@ -105,6 +105,18 @@ def test_signal_saves_and_exits(tmp_path, small_corpus, sig, code):
     assert ckpt.list_checkpoints(out)
 
 
+def test_resume_names_a_changed_architecture_switch(tmp_path, small_corpus, capsys):
+    """A run started with --qk_norm false (the default before 2026-12-07) resumed without it: a ConfigError naming
+    qk_norm, not a state_dict key error; with the switch it resumes."""
+    out = tmp_path / "run"
+    args = [*TINY, "--corpus", small_corpus, "--save_every", 2, "--final_eval", "false", "--out_dir", out]
+    assert cli(capsys, "train", *args, "--max_steps", 2, "--qk_norm", "false")[0] == 0
+    rc, text = cli(capsys, "train", *args, "--max_steps", 4, "--resume")
+    assert rc != 0 and "qk_norm True here, False in the checkpoint" in text, text
+    rc, text = cli(capsys, "train", *args, "--max_steps", 4, "--resume", "--qk_norm", "false")
+    assert rc == 0 and "resumed from" in text, text
+
+
 def test_corrupted_checkpoint_falls_back(tmp_path, small_corpus, capsys):
     out = tmp_path / "run"
     args = [*TINY, "--corpus", small_corpus, "--save_every", 4, "--final_eval", "false", "--out_dir", out]

@@ -97,7 +97,8 @@ def _recover(src_ckpt: Path, out: Path, pre: dict, recover_steps: int, overrides
                   text_field=cfg0.get("text_field", "text"), val_fraction=cfg0["val_fraction"],
                   seq_len=pre["model_config"].max_seq_len, batch_size=cfg0.get("batch_size", 16),
                   dtype=cfg0.get("dtype", "auto"), max_steps=recover_steps, lr=3e-4, warmup_steps=min(10, recover_steps),
-                  min_lr_ratio=0.1, out_dir=str(out), sample_tokens=0, final_eval=False, eval_every=1_000_000,
+                  min_lr_ratio=0.1, lr_schedule="cosine", out_dir=str(out), sample_tokens=0, final_eval=False,
+                  eval_every=1_000_000,
                   save_every=1_000_000, log_every=max(1, recover_steps // 10), progress=False, seed=cfg0.get("seed", 0))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return train(TrainConfig.build(None, fields), log=log)

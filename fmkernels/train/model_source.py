@@ -258,6 +258,23 @@ class _TransformerSource(ModelSource):
     def state_from_checkpoint(self, sd: dict) -> dict:
         return fmk_to_plain_state_dict(sd, self.mcfg) if self.impl == "plain" else sd
 
+    def check_checkpoint(self, ck: dict) -> None:
+        """A resumed run must build the architecture it saved (e.g. a run started before QK-norm became the
+        default, resumed without --qk_norm false): name each differing switch instead of a state_dict key error."""
+        saved = ck.get("state", {}).get("model_config")
+        if self.mcfg is None or not isinstance(saved, dict):
+            return
+        try:
+            old = TransformerConfig.from_dict(saved)
+        except (ConfigError, TypeError):
+            return
+        diffs = [f"{f.name} {getattr(self.mcfg, f.name)!r} here, {getattr(old, f.name)!r} in the checkpoint"
+                 for f in dataclasses.fields(TransformerConfig)
+                 if f.name != "max_seq_len" and getattr(self.mcfg, f.name) != getattr(old, f.name)]
+        if diffs:
+            raise ConfigError("config: --resume: the checkpoint's model differs from this run's: " + "; ".join(diffs)
+                              + " (pass the switches the run was started with)")
+
 
 class ScratchSource(_TransformerSource):
     """A freshly initialised model of the config's preset (plus any model field given)."""

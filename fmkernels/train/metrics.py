@@ -111,7 +111,9 @@ def summary_lines(s: dict, out: Path, sample_prompt: str, extra: list, best_what
     lines = [
         "", "=== fmk train summary ===",
         f"stopped: {s['stop_reason']} at step {s['step']} (exit code {s['exit_code']})",
-        f"tokens seen: {s['tokens']:,} in {s['train_time_s']:.1f} s of training ({s['tokens_per_s']:,.0f} tokens/s)",
+        f"tokens seen: {s['tokens']:,} in {s['train_time_s']:.1f} s of training ({s['tokens_per_s']:,.0f} tokens/s)"
+        + (f"; data preparation (tokenizer + tokenization, cached after the first run) {s['data_prep_s']:.1f} s and "
+           f"final evaluation {s.get('eval_time_s', 0.0):.1f} s, not training time" if "data_prep_s" in s else ""),
         f"final train loss: {s['final_train_loss']:.4f}",
     ]
     if "val_bpb" in s:

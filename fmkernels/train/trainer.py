@@ -149,11 +149,13 @@ class Trainer:
         self.source = model_source_for(cfg)
         if self.source.describe():
             self.log(self.source.describe())
+        t0 = time.perf_counter()
         if info.is_main:  # rank 0 tokenizes (and caches) first; the others read its cache
             self.data = self._prepare_data()
         barrier()
         if not info.is_main:
             self.data = self._prepare_data()
+        self.data_prep_s = time.perf_counter() - t0  # tokenizer training + tokenization (or their cache): not training
         self.mcfg = self.source.model_config(cfg, self.data.tokenizer.vocab_size)
         cfg = self.cfg = self.source.record(cfg, self.mcfg, self.data.tokenizer)  # what was built, in state.json
         torch.manual_seed(cfg.seed)
@@ -327,7 +329,7 @@ class Trainer:
             summary = dict(step=self.step, tokens=self.tokens, train_time_s=self.train_time,
                            tokens_per_s=self.tokens / max(self.train_time, 1e-9), final_train_loss=last_loss,
                            stop_reason=stop_reason, exit_code=exit_code, params=n_params,
-                           corpus_hash=self.data.corpus_hash, flops=self.flops())
+                           corpus_hash=self.data.corpus_hash, flops=self.flops(), data_prep_s=self.data_prep_s)
             if exit_code == EXIT_OK:
                 if self.last_saved_step != self.step:
                     self.save()

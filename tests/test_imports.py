@@ -34,7 +34,7 @@ LAYERS = [
 TRAIN_LAYERS = [
     ("checkpoint", ("checkpoint", "heads", "flops", "generate", "metrics")),
     ("run dir", ("rundir", "progress", "plots", "signals")),
-    ("model source", ("model_source", "hf_source", "optim", "parallel")),
+    ("model source", ("model_source", "hf_source", "optim", "muon", "parallel")),
     ("config", ("config",)),
     ("converters and features", ("converters", "multitask", "selection", "features")),
     ("loop", ("trainer",)),

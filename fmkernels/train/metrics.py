@@ -16,7 +16,6 @@ import torch
 from ..data import bits_per_byte, eval_windows
 from ..models.config import ConfigError
 from ..data.compressor import compressor_baseline
-from .optim import resolved_optimizer
 
 CSV_FIELDS = ["step", "train_time_s", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb",
               "flops", "val_set"]  # val_set: "first N tokens" (periodic evals, eval_tokens) or "full" (the split)
@@ -191,7 +190,7 @@ def run_title(cfg, mcfg) -> str:
     return f"{model} ({cfg.model_impl}, dim {mcfg.dim} x {mcfg.n_layers} layers), {tok}; {os.path.basename(data)}"
 
 
-def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
+def start_line(cfg, mcfg, data, info, n_params: int, dtype: str, optimizer: str = "adamw") -> str:
     """The run's first log line: model, corpus, world, threads, dtype."""
     model, corpus = _model_and_data(cfg)
     return (f"fmk train: {cfg.model_impl} model {model} {n_params / 1e6:.2f}M params "
@@ -199,4 +198,4 @@ def start_line(cfg, mcfg, data, info, n_params: int, dtype: str) -> str:
             f"vocab {mcfg.vocab_size}); corpus {corpus} hash {data.corpus_hash[:16]} "
             f"({len(data.train):,} train / {len(data.val):,} val tokens, {data.n_docs[0]}/{data.n_docs[1]} docs); "
             f"world {info.world} ({info.mode}); threads {torch.get_num_threads()}; dtype {dtype}; "
-            f"optimizer {resolved_optimizer(cfg, info.mode == 'fsdp')}, {getattr(cfg, 'lr_schedule', 'cosine')} schedule")
+            f"optimizer {optimizer}, {getattr(cfg, 'lr_schedule', 'cosine')} schedule")

@@ -270,7 +270,8 @@ class Trainer:
             return done
         cfg = self.cfg  # setup() records a fine-tune's real architecture / tokenizer in it
         n_params = count_params(self.model, info, self.mcfg)
-        self.log(start_line(cfg, self.mcfg, self.data, info, n_params, self.dtype))
+        kinds = self.opt.kinds() if hasattr(self.opt, "kinds") else []  # what make_optimizer built
+        self.log(start_line(cfg, self.mcfg, self.data, info, n_params, self.dtype, "muon" if "Muon" in kinds else "adamw"))
         tok_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         # a bar on a terminal, one line per interval otherwise (progress.py)
         pbar = run_progress(cfg, self.step, self.train_time) if info.is_main and cfg.progress else None

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -21,11 +22,27 @@ namespace {
 // fp32: one FMA chain over d in order, as the dP = dO V^T tile computes each entry, so that a row that sees a
 // single key (O = v exactly) gets dP - delta = 0 exactly, as PyTorch's softmax backward does (the vector sum left
 // ~1 ulp there: dk 5x PyTorch's error vs fp64). D scalar FMAs per row: ~1 ms of a ~100 ms B4 H8 N1024 backward.
+// Flat row f of the walk -> delta index bh * N + n. Token-major operands (head stride below the row stride:
+// varlen's (total, H, D) rows, transposed (B, N, H, D) projections) are walked in memory order, n outer and h
+// inner: walking each head's rows 1-2 KB apart cost 4.6x the samples of the contiguous walk (fp32, 8 x 1024
+// rows H8 D64: +6.6 ms of a ~200 ms fwd+bwd, perf on Zen 4).
+struct RowWalk {
+  int64_t H, N;
+  bool token_major;
+  int64_t operator()(int64_t f) const {
+    if (!token_major) return f;
+    const int64_t b = f / (H * N), rem = f % (H * N);
+    return (b * H + rem % H) * N + rem / H;
+  }
+};
+
 template <typename T>
-FMK_AVX512 void delta_rows_avx512(Rows<T> dO, Rows<T> O, int64_t N, float* delta, int64_t r0, int64_t r1,
+FMK_AVX512 void delta_rows_avx512(Rows<T> dO, Rows<T> O, RowWalk walk, float* delta, int64_t r0, int64_t r1,
                                   int64_t D) {
+  const int64_t N = walk.N;
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t f = r0; f < r1; ++f) {
+      const int64_t r = walk(f);
       const float* a = dO.row(r / N, r % N);
       const float* o = O.row(r / N, r % N);
       float acc = 0.0f;
@@ -34,7 +51,8 @@ FMK_AVX512 void delta_rows_avx512(Rows<T> dO, Rows<T> O, int64_t N, float* delta
     }
     return;
   }
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t f = r0; f < r1; ++f) {
+    const int64_t r = walk(f);
     const T* a = dO.row(r / N, r % N);
     const T* o = O.row(r / N, r % N);
     __m512 acc = _mm512_setzero_ps();
@@ -47,8 +65,10 @@ FMK_AVX512 void delta_rows_avx512(Rows<T> dO, Rows<T> O, int64_t N, float* delta
 }
 
 template <typename T>  // (a sequential unfused sum, as the portable dP tile's)
-void delta_rows_portable(Rows<T> dO, Rows<T> O, int64_t N, float* delta, int64_t r0, int64_t r1, int64_t D) {
-  for (int64_t r = r0; r < r1; ++r) {
+void delta_rows_portable(Rows<T> dO, Rows<T> O, RowWalk walk, float* delta, int64_t r0, int64_t r1, int64_t D) {
+  const int64_t N = walk.N;
+  for (int64_t f = r0; f < r1; ++f) {
+    const int64_t r = walk(f);
     const T* a = dO.row(r / N, r % N);
     const T* o = O.row(r / N, r % N);
     float acc = 0.0f;
@@ -242,17 +262,19 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
 // row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
 // aligned to BQ (the Q^T / dO^T pair panels are blocked; each segment starts a block); padded query columns
 // have lse2 = +inf (P = 0).
-void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
+void bwd_bf16(const BwdTask& t, Rows<bf16> Kb, Rows<bf16> Vb, const bf16* Qt, const bf16* dOt, const bf16* Qr,
               const bf16* dOr, const bf16* Kr, const float* lse2, const float* delta, float* dq_acc, OutRows<bf16> dq,
               OutRows<bf16> dk, OutRows<bf16> dv, float scale) {
   struct Scratch {
     std::vector<float> ST, dPT;
     std::vector<bf16> PT, dST, Z;  // PT / dST: one BK x BQ block per query block of the key block
+    std::vector<bf16> Kt, Vt;      // the key block's K / V rows when they are read in place (strided)
   };
   const int64_t nqb = std::max<int64_t>(t.max_qrows / BQ, 1);
   const auto make_scratch = [&] {
     return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(nqb * BK * BQ),
-                   std::vector<bf16>(nqb * BK * BQ), std::vector<bf16>(BK * BQ)};
+                   std::vector<bf16>(nqb * BK * BQ), std::vector<bf16>(BK * BQ),
+                   std::vector<bf16>(Kb.sn == t.Dp ? 0 : BK * t.Dp), std::vector<bf16>(Vb.sn == t.Dp ? 0 : BK * t.Dp)};
   };
   bwd_tasks(t, t.NQP, true, dq_acc, dq, dk, dv, scale, make_scratch,
             [&](Scratch& sc, const Seg& sg, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
@@ -261,8 +283,10 @@ void bwd_bf16(const BwdTask& t, const bf16* Kb, const bf16* Vb, const bf16* Qt, 
     const auto [qa, qhi] = mask.rows_of_keys(j0, std::min(j0 + BK, sg.nk));
     if (qa >= qhi) return;
     const int64_t qlo = qa / BQ * BQ;
-    const bf16* kb_rows = Kb + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
-    const bf16* vb_rows = Vb + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
+    const bf16* kb_rows = tile_rows(Kb.row(bhk, sg.k0 + j0), Kb.sn, BK, t.Dp, sc.Kt.data());
+    const bf16* vb_rows = tile_rows(Vb.row(bhk, sg.k0 + j0), Vb.sn, BK, t.Dp, sc.Vt.data());
+    if (Kb.sn != t.Dp && kb + t.G < sg.nkb()) prefetch_rows(Kb.row(bhk, sg.k0 + j0 + t.G * BK), Kb.sn, BK, t.Dp);
+    if (Vb.sn != t.Dp && kb + t.G < sg.nkb()) prefetch_rows(Vb.row(bhk, sg.k0 + j0 + t.G * BK), Vb.sn, BK, t.Dp);
     const bf16* krb = Kr + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
     const int64_t base = bh * t.NQP + sg.qp0;
     int64_t nblk = 0;
@@ -331,11 +355,12 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     float* dp = delta.data_ptr<float>();
     FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_delta", [&] {
       const Rows<scalar_t> a = rows_of<scalar_t>(dOc), o = rows_of<scalar_t>(Oc);
+      const RowWalk walk{Hq, NQ, Hq > 1 && NQ > 1 && std::abs(a.sh) < std::abs(a.sn)};
       at::parallel_for(0, B * Hq * NQ, 256, [&](int64_t r0, int64_t r1) {
         if (avx512)
-          delta_rows_avx512<scalar_t>(a, o, NQ, dp, r0, r1, D);
+          delta_rows_avx512<scalar_t>(a, o, walk, dp, r0, r1, D);
         else
-          delta_rows_portable<scalar_t>(a, o, NQ, dp, r0, r1, D);
+          delta_rows_portable<scalar_t>(a, o, walk, dp, r0, r1, D);
       });
     });
   }
@@ -367,10 +392,14 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                      : pack_segments(x, t.segs, false, t.NQP, t.Dp, at::kBFloat16);
     };
     const at::Tensor Qb = queries(q), dOb = queries(grad_out);
-    const at::Tensor Kb = keys(k, at::kBFloat16), Vb = keys(v, at::kBFloat16);
+    // K / V read in place (key blocks copied per task) when the sequences are whole key blocks: packing them
+    // cost 2 x 8 MiB of fresh pages per call at 8 x 1024 rows H8 D64
+    const bool kv_in_place = !std::getenv("FMK_NOKV") && kin && D == t.Dp && k.scalar_type() == at::kBFloat16 && k.stride(3) == 1 &&
+                             v.scalar_type() == at::kBFloat16 && v.stride(3) == 1;
+    const at::Tensor Kb = kv_in_place ? k : keys(k, at::kBFloat16), Vb = kv_in_place ? v : keys(v, at::kBFloat16);
     const at::Tensor Qt = pairs_over_d(Qb), dOt = pairs_over_d(dOb);  // BQ == BK: same blocking
     const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb), Kr = pairs_over_rows(Kb);
-    bwd_bf16(t, Kb.const_data_ptr<bf16>(), Vb.const_data_ptr<bf16>(), Qt.const_data_ptr<bf16>(),
+    bwd_bf16(t, rows_of<bf16>(Kb), rows_of<bf16>(Vb), Qt.const_data_ptr<bf16>(),
              dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
              Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
              out_rows<bf16>(dqv), out_rows<bf16>(dkv), out_rows<bf16>(dvv), fscale);

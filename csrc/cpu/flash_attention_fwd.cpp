@@ -57,14 +57,14 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
   const int64_t grp = t.Hq / t.Hkv, ntask = t.start.back();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
-    std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ);
+    std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ), Qbuf(BQ * t.Dp);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       int64_t h, qb;
       const Seg& sg = t.locate(task, &h, &qb);
       const Mask& mask = sg.mask;
       const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
       const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
-      const float* Q = Qr.row(bh, sg.q0 + r0);
+      const float* Q = tile_rows(Qr.row(bh, sg.q0 + r0), Qr.sn, M, t.Dp, Qbuf.data());
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
@@ -77,7 +77,7 @@ void fwd_fp32(const FwdTask& t, Rows<float> Qr, const float* Kt, Rows<float> Vr,
         // rows [i0, i0 + rows) against the block's first `keys` keys
         const auto part = [&](int64_t i0, int64_t rows, int64_t keys) {
           float* s = S.data() + i0 * BK;
-          kn.abt(rows, keys, t.D, Q + i0 * Qr.sn, Qr.sn, ktb, BK, s, BK);
+          kn.abt(rows, keys, t.D, Q + i0 * t.Dp, t.Dp, ktb, BK, s, BK);
           if (!full) mask.apply(s, r0 + i0, rows, j0);
           for (int64_t i = i0; i < i0 + rows; ++i) {
             const float alpha = kn.softmax_row(S.data() + i * BK, keys, t.scale, &m[i], &l[i]);
@@ -104,14 +104,14 @@ void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers(ntask), 1, [&](int64_t, int64_t) {
     std::vector<float> S(BQ * BK), O(BQ * t.Dp), m(BQ), l(BQ), lv(BQ * 16);
-    std::vector<bf16> P(BQ * BK);
+    std::vector<bf16> P(BQ * BK), Qbuf(BQ * t.Dp);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
       int64_t h, qb;
       const Seg& sg = t.locate(task, &h, &qb);
       const Mask& mask = sg.mask;
       const int64_t b = sg.b, bh = b * t.Hq + h, bhk = b * t.Hkv + h / grp;
       const int64_t r0 = qb * BQ, M = std::min(BQ, sg.nq - r0);
-      const bf16* Q = Qr.row(bh, sg.q0 + r0);
+      const bf16* Q = tile_rows(Qr.row(bh, sg.q0 + r0), Qr.sn, M, t.Dp, Qbuf.data());
       std::fill(O.begin(), O.begin() + M * t.Dp, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(lv.begin(), lv.end(), 0.0f);
@@ -120,9 +120,9 @@ void fwd_bf16(const FwdTask& t, Rows<bf16> Qr, const bf16* Ktp, const bf16* Vp, 
         const int64_t j0 = kb * BK;
         const bf16* ktp = Ktp + (bhk * t.nkb + sg.k0 / BK + kb) * t.Dp * BK;
         if (M == BQ && t.c > 0.0f && mask.full(r0, r0 + M, j0)) {
-          qk_softmax_fused_bf16(t.Dp / 2, Q, Qr.sn, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
+          qk_softmax_fused_bf16(t.Dp / 2, Q, t.Dp, ktp, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         } else {
-          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, Qr.sn, 2, ktp, BK, S.data(), BK, false);
+          gemm_bf16_avx512(M, BK, t.Dp / 2, Q, t.Dp, 2, ktp, BK, S.data(), BK, false);
           mask.apply(S.data(), r0, M, j0);
           softmax_tile_bf16(S.data(), M, t.c, m.data(), lv.data(), O.data(), t.Dp, P.data());
         }

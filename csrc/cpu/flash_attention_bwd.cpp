@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -394,7 +393,7 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     const at::Tensor Qb = queries(q), dOb = queries(grad_out);
     // K / V read in place (key blocks copied per task) when the sequences are whole key blocks: packing them
     // cost 2 x 8 MiB of fresh pages per call at 8 x 1024 rows H8 D64
-    const bool kv_in_place = !std::getenv("FMK_NOKV") && kin && D == t.Dp && k.scalar_type() == at::kBFloat16 && k.stride(3) == 1 &&
+    const bool kv_in_place = kin && D == t.Dp && k.scalar_type() == at::kBFloat16 && k.stride(3) == 1 &&
                              v.scalar_type() == at::kBFloat16 && v.stride(3) == 1;
     const at::Tensor Kb = kv_in_place ? k : keys(k, at::kBFloat16), Vb = kv_in_place ? v : keys(v, at::kBFloat16);
     const at::Tensor Qt = pairs_over_d(Qb), dOt = pairs_over_d(dOb);  // BQ == BK: same blocking

@@ -257,6 +257,17 @@ void bwd_fp32(const BwdTask& t, Rows<float> Qr, Rows<float> dOr, const float* Kt
   });
 }
 
+// A key block's BK contiguous rows of Dp bf16 -> rows paired (BK / 2, Dp, 2), the layout pairs_over_rows gives.
+const bf16* pair_rows_tile(const bf16* rows, int64_t Dp, bf16* out) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(rows);
+  uint32_t* d = reinterpret_cast<uint32_t*>(out);
+  if (use_avx512())
+    pairs_over_rows_avx512(s, d, BK / 2, Dp, Dp);
+  else
+    pairs_over_rows_portable(s, d, BK / 2, Dp, Dp);
+  return out;
+}
+
 // bf16 path: tiles are computed transposed (S^T = K Q^T, dP^T = V dO^T) so that P^T and dS^T come out
 // row-major for dV += P^T dO and dK += dS^T Q; dS K reads dS^T re-paired over keys (Z). Query blocks are
 // aligned to BQ (the Q^T / dO^T pair panels are blocked; each segment starts a block); padded query columns
@@ -268,12 +279,14 @@ void bwd_bf16(const BwdTask& t, Rows<bf16> Kb, Rows<bf16> Vb, const bf16* Qt, co
     std::vector<float> ST, dPT;
     std::vector<bf16> PT, dST, Z;  // PT / dST: one BK x BQ block per query block of the key block
     std::vector<bf16> Kt, Vt;      // the key block's K / V rows when they are read in place (strided)
+    std::vector<bf16> Kp;          // and its K rows re-paired over rows (BK / 2, Dp, 2) for dS K
   };
   const int64_t nqb = std::max<int64_t>(t.max_qrows / BQ, 1);
   const auto make_scratch = [&] {
     return Scratch{std::vector<float>(BK * BQ), std::vector<float>(BK * BQ), std::vector<bf16>(nqb * BK * BQ),
                    std::vector<bf16>(nqb * BK * BQ), std::vector<bf16>(BK * BQ),
-                   std::vector<bf16>(Kb.sn == t.Dp ? 0 : BK * t.Dp), std::vector<bf16>(Vb.sn == t.Dp ? 0 : BK * t.Dp)};
+                   std::vector<bf16>(Kb.sn == t.Dp ? 0 : BK * t.Dp), std::vector<bf16>(Vb.sn == t.Dp ? 0 : BK * t.Dp),
+                   std::vector<bf16>(Kr ? 0 : BK * t.Dp)};
   };
   bwd_tasks(t, t.NQP, true, dq_acc, dq, dk, dv, scale, make_scratch,
             [&](Scratch& sc, const Seg& sg, int64_t bh, int64_t bhk, int64_t kb, float* dka, float* dva, float* dQ) {
@@ -286,7 +299,7 @@ void bwd_bf16(const BwdTask& t, Rows<bf16> Kb, Rows<bf16> Vb, const bf16* Qt, co
     const bf16* vb_rows = tile_rows(Vb.row(bhk, sg.k0 + j0), Vb.sn, BK, t.Dp, sc.Vt.data());
     if (Kb.sn != t.Dp && kb + t.G < sg.nkb()) prefetch_rows(Kb.row(bhk, sg.k0 + j0 + t.G * BK), Kb.sn, BK, t.Dp);
     if (Vb.sn != t.Dp && kb + t.G < sg.nkb()) prefetch_rows(Vb.row(bhk, sg.k0 + j0 + t.G * BK), Vb.sn, BK, t.Dp);
-    const bf16* krb = Kr + (bhk * t.NKP + sg.k0 + j0) * t.Dp;
+    const bf16* krb = Kr ? Kr + (bhk * t.NKP + sg.k0 + j0) * t.Dp : pair_rows_tile(kb_rows, t.Dp, sc.Kp.data());
     const int64_t base = bh * t.NQP + sg.qp0;
     int64_t nblk = 0;
     for (int64_t r0 = qlo; r0 < qhi; r0 += BQ, ++nblk) {
@@ -396,11 +409,14 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     const bool kv_in_place = kin && D == t.Dp && k.scalar_type() == at::kBFloat16 && k.stride(3) == 1 &&
                              v.scalar_type() == at::kBFloat16 && v.stride(3) == 1;
     const at::Tensor Kb = kv_in_place ? k : keys(k, at::kBFloat16), Vb = kv_in_place ? v : keys(v, at::kBFloat16);
-    const at::Tensor Qt = pairs_over_d(Qb), dOt = pairs_over_d(dOb);  // BQ == BK: same blocking
-    const at::Tensor Qr = pairs_over_rows(Qb), dOr = pairs_over_rows(dOb), Kr = pairs_over_rows(Kb);
+    // BQ == BK: the pair panels over d share the key blocking. Q and dO in one pass each (one read of each row).
+    const auto [Qt, Qr] = pairs_over_d_and_rows(Qb);
+    const auto [dOt, dOr] = pairs_over_d_and_rows(dOb);
+    // K re-paired per key block from the gathered rows when K is read in place, else in one pass here
+    const at::Tensor Kr = kv_in_place && Kb.stride(2) != t.Dp ? at::Tensor() : pairs_over_rows(Kb);
     bwd_bf16(t, rows_of<bf16>(Kb), rows_of<bf16>(Vb), Qt.const_data_ptr<bf16>(),
              dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
-             Kr.const_data_ptr<bf16>(), lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
+             Kr.defined() ? Kr.const_data_ptr<bf16>() : nullptr, lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
              out_rows<bf16>(dqv), out_rows<bf16>(dkv), out_rows<bf16>(dvv), fscale);
   } else {
     at::Tensor qk, dok, kk, vk;

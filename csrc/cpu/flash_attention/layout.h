@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/flash_attention/mask.h"
@@ -260,6 +261,45 @@ at::Tensor pairs_over_rows(const at::Tensor& x0) {
     }
   });
   return out;
+}
+
+// Both pair layouts of one bf16 operand, {pairs_over_d(x), pairs_over_rows(x)}. A token-major source (the bf16
+// backward's Q and dO read in place from varlen's (total, H, D) rows) is read once: each head's key-block rows
+// gathered into an L1 tile, both layouts made from it (two strided passes over the source became one).
+std::pair<at::Tensor, at::Tensor> pairs_over_d_and_rows(const at::Tensor& x0) {
+  const at::Tensor x = pairable(x0);
+  if (!token_major(x) || x.size(2) % BK != 0) return {pairs_over_d(x), pairs_over_rows(x)};
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Dp % 2 == 0);
+  at::Tensor over_d = at::empty({B, H, nb, np, BK, 2}, x.options());
+  at::Tensor over_rows = at::empty({B, H, Np / 2, Dp, 2}, x.options());
+  const bf16* src = x.const_data_ptr<bf16>();
+  uint32_t* dst_d = reinterpret_cast<uint32_t*>(over_d.data_ptr<bf16>());
+  uint32_t* dst_r = reinterpret_cast<uint32_t*>(over_rows.data_ptr<bf16>());
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * nb, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<bf16> tile(BK * Dp);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / nb, blk = w % nb;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t bh = b * H + h;
+        const bf16* rows = tile_rows(src + b * sb + h * sh + blk * BK * sn, sn, BK, Dp, tile.data());
+        const uint32_t* pairs = reinterpret_cast<const uint32_t*>(rows);
+        const uint16_t* halves = reinterpret_cast<const uint16_t*>(rows);
+        uint32_t* od = dst_d + (bh * nb + blk) * BK * np;
+        uint32_t* orow = dst_r + (bh * (Np / 2) + blk * (BK / 2)) * Dp;
+        if (vec) {
+          pairs_over_d_avx512(pairs, od, np, np);
+          pairs_over_rows_avx512(halves, orow, BK / 2, Dp, Dp);
+        } else {
+          pairs_over_d_portable(pairs, od, np, np);
+          pairs_over_rows_portable(halves, orow, BK / 2, Dp, Dp);
+        }
+      }
+    }
+  });
+  return {over_d, over_rows};
 }
 
 // dst[i][j] = src[i][j] * mul for i < m, j < d (fp32 -> T, row strides lds / ldd).

@@ -165,6 +165,18 @@ def test_cpu_backward_deterministic(dtype, lens):
 
 @pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 2)], ids=["mha", "gqa4", "gqa3"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_whole_block_sequences(dtype, hq, hkv, causal):
+    # sequences of whole 64-key blocks: the CPU kernels read the packed rows in place (Q tiles, K / V blocks
+    # gathered per tile, K re-paired per block, both Q / dO pair layouts from one pass, strided outputs streamed)
+    _check("cpu", [128, 64, 192], [128, 64, 192], hq, hkv, 64, dtype, causal)
+    # keys whole blocks, queries not (q shorter than k per sequence)
+    _check("cpu", [100, 64, 30], [128, 64, 192], hq, hkv, 64, dtype, causal, seed=5)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [96, 128])  # 128: whole key blocks, k / v read in place
 def test_cpu_equal_lengths_match_dense(dtype, N):
     # B equal-length sequences packed = the dense kernel on (B, H, N, D): same tiles, same order of sums

@@ -51,23 +51,13 @@ inline void prefetch_rows(const T* src, int64_t sn, int64_t m, int64_t cols) {
 // Rows [0, m) of `cols` elements, `sn` apart, as a contiguous tile: `src` itself when they already are, else
 // copied to `buf` (m * cols). For tiles a kernel reads many times: rows 1-2 KB apart (varlen's (total, H, D)
 // rows at H8 D64) fall into a few L1 sets; the bf16 forward's fused Q K^T + softmax took 17% more samples on
-// such a strided Q tile than on a contiguous one (8 x 1024 causal, perf, Zen 4).
-// Rows of whole 64-byte lines are copied line by line inline: a memcpy call per 128-byte row cost ~2 ms of
-// thread time per bf16 fwd+bwd at 8 x 1024 H8 D64 (3072 tiles of 64 rows).
+// such a strided Q tile than on a contiguous one (8 x 1024 causal, perf, Zen 4). The copy itself is bound by
+// the first touch of the rows (~2 us per 64-row bf16 tile there), not by the copying.
 template <typename T>
 const T* tile_rows(const T* src, int64_t sn, int64_t m, int64_t cols, T* buf) {
   if (sn == cols) return src;
-  const int64_t bytes = cols * int64_t(sizeof(T));
   prefetch_rows(src, sn, m, cols);  // all the misses in flight at once, then the copy
-  for (int64_t i = 0; i < m; ++i) {
-    const char* s = reinterpret_cast<const char*>(src + i * sn);
-    char* d = reinterpret_cast<char*>(buf + i * cols);
-    if (bytes % 64 == 0) {
-      for (int64_t c = 0; c < bytes; c += 64) std::memcpy(d + c, s + c, 64);
-    } else {
-      std::memcpy(d, s, bytes);
-    }
-  }
+  for (int64_t i = 0; i < m; ++i) std::memcpy(buf + i * cols, src + i * sn, cols * sizeof(T));
   return buf;
 }
 
@@ -157,51 +147,6 @@ void pairs_over_d_portable(const uint32_t* s, uint32_t* d, int64_t np, int64_t l
   transpose_block_u32<0>(s, d, np, ld);
 }
 
-// x: bf16 with a unit d stride; the pair layouts read it in place when every other stride is even and the data
-// 4-byte aligned (32-bit pairs), else from a contiguous copy.
-at::Tensor pairable(const at::Tensor& x) {
-  const bool ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 && x.stride(2) % 2 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
-  return ok ? x : x.contiguous();
-}
-
-// Work item w of a (B, H, nb) walk -> (b * H + h) * nb + i. Token-major sources (head stride below the row
-// stride: varlen's (total, H, D) rows) are walked i outer and h inner, so that neighbouring items read
-// neighbouring memory rather than rows of one head 1-2 KB apart.
-inline int64_t head_block(int64_t w, int64_t H, int64_t nb, bool token_major) {
-  if (!token_major) return w;
-  const int64_t b = w / (H * nb), rem = w % (H * nb);
-  return (b * H + rem % H) * nb + rem / H;
-}
-inline bool token_major(const at::Tensor& x) {
-  return x.size(1) > 1 && x.size(2) > 1 && std::abs(x.stride(1)) < std::abs(x.stride(2));
-}
-
-at::Tensor pairs_over_d(const at::Tensor& x0) {
-  const at::Tensor x = pairable(x0);
-  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
-  at::Tensor out = at::empty({B, H, nb, np, BK, 2}, x.options());
-  const uint32_t* src = reinterpret_cast<const uint32_t*>(x.const_data_ptr<bf16>());
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
-  const int64_t sb = x.stride(0) / 2, sh = x.stride(1) / 2, sn = x.stride(2) / 2;  // in pairs
-  const bool vec = use_avx512(), tm = token_major(x);
-  at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
-    // strided rows are first gathered into a contiguous block: the column walk of the transpose over 64 rows
-    // 1 KB apart missed L1 on every read (4 sets)
-    std::vector<uint32_t> rows(sn == np ? 0 : BK * np);
-    for (int64_t w = b0; w < b1; ++w) {
-      const int64_t blk = head_block(w, H, nb, tm), bh = blk / nb, b = bh / H, h = bh % H;
-      const uint32_t* s = tile_rows(src + b * sb + h * sh + (blk % nb) * BK * sn, sn, BK, np, rows.data());
-      if (vec)
-        pairs_over_d_avx512(s, dst + blk * BK * np, np, np);
-      else
-        pairs_over_d_portable(s, dst + blk * BK * np, np, np);
-    }
-  });
-  return out;
-}
-
 // bf16 (B, H, Np, Dp), Np even -> pair panels over rows: (B, H, Np/2, Dp, 2) (rows 2i and 2i+1 interleaved).
 // Any source strides with a unit d stride (rows ld elements apart).
 static inline void interleave_rows_u16(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp, int64_t ld) {
@@ -217,6 +162,85 @@ FMK_AVX512 void pairs_over_rows_avx512(const uint16_t* s, uint32_t* d, int64_t r
 }
 void pairs_over_rows_portable(const uint16_t* s, uint32_t* d, int64_t rows2, int64_t Dp, int64_t ld) {
   interleave_rows_u16(s, d, rows2, Dp, ld);
+}
+
+// x: bf16 with a unit d stride; the pair layouts read it in place when every other stride is even and the data
+// 4-byte aligned (32-bit pairs), else from a contiguous copy.
+at::Tensor pairable(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 && x.stride(2) % 2 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
+  return ok ? x : x.contiguous();
+}
+
+// Token-major: the rows of all heads adjacent, a head's rows far apart (head stride below the row stride:
+// varlen's (total, H, D) rows, 1 KB apart at H8 D64 bf16).
+inline bool token_major(const at::Tensor& x) {
+  return x.size(1) > 1 && x.size(2) > 1 && std::abs(x.stride(1)) < std::abs(x.stride(2));
+}
+
+// The pair layouts of a token-major bf16 x (B, H, Np, Dp), Np % BK == 0, Dp even, pairable: per (b, key block),
+// head by head (neighbouring memory), the block's rows gathered into an L1 tile, then laid out into over_d
+// (pairs_over_d's layout) and / or over_rows (pairs_over_rows'), whichever is given. The transpose's column walk
+// straight over 64 rows 1 KB apart missed L1 on every read (4 sets); the backward reads Q and dO once for both.
+void pairs_from_tiles(const at::Tensor& x, at::Tensor* over_d, at::Tensor* over_rows) {
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  const bf16* src = x.const_data_ptr<bf16>();
+  uint32_t* dst_d = over_d ? reinterpret_cast<uint32_t*>(over_d->data_ptr<bf16>()) : nullptr;
+  uint32_t* dst_r = over_rows ? reinterpret_cast<uint32_t*>(over_rows->data_ptr<bf16>()) : nullptr;
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * nb, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<bf16> tile(BK * Dp);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / nb, blk = w % nb;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t bh = b * H + h;
+        const bf16* rows = tile_rows(src + b * sb + h * sh + blk * BK * sn, sn, BK, Dp, tile.data());
+        if (dst_d) {
+          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(rows);
+          uint32_t* od = dst_d + (bh * nb + blk) * BK * np;
+          if (vec)
+            pairs_over_d_avx512(pairs, od, np, np);
+          else
+            pairs_over_d_portable(pairs, od, np, np);
+        }
+        if (dst_r) {
+          const uint16_t* halves = reinterpret_cast<const uint16_t*>(rows);
+          uint32_t* orow = dst_r + (bh * (Np / 2) + blk * (BK / 2)) * Dp;
+          if (vec)
+            pairs_over_rows_avx512(halves, orow, BK / 2, Dp, Dp);
+          else
+            pairs_over_rows_portable(halves, orow, BK / 2, Dp, Dp);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor pairs_over_d(const at::Tensor& x0) {
+  const at::Tensor x = pairable(x0);
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Np % BK == 0 && Dp % 2 == 0);
+  at::Tensor out = at::empty({B, H, nb, np, BK, 2}, x.options());
+  if (token_major(x)) {
+    pairs_from_tiles(x, &out, nullptr);
+    return out;
+  }
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x.const_data_ptr<bf16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<bf16>());
+  const int64_t sb = x.stride(0) / 2, sh = x.stride(1) / 2, sn = x.stride(2) / 2;  // in pairs
+  const bool vec = use_avx512();
+  at::parallel_for(0, B * H * nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t bh = blk / nb, b = bh / H, h = bh % H;
+      const uint32_t* s = src + b * sb + h * sh + (blk % nb) * BK * sn;
+      if (vec)
+        pairs_over_d_avx512(s, dst + blk * BK * np, np, sn);
+      else
+        pairs_over_d_portable(s, dst + blk * BK * np, np, sn);
+    }
+  });
+  return out;
 }
 
 at::Tensor pairs_over_rows(const at::Tensor& x0) {
@@ -263,42 +287,16 @@ at::Tensor pairs_over_rows(const at::Tensor& x0) {
   return out;
 }
 
-// Both pair layouts of one bf16 operand, {pairs_over_d(x), pairs_over_rows(x)}. A token-major source (the bf16
-// backward's Q and dO read in place from varlen's (total, H, D) rows) is read once: each head's key-block rows
-// gathered into an L1 tile, both layouts made from it (two strided passes over the source became one).
+// Both pair layouts of one bf16 operand, {pairs_over_d(x), pairs_over_rows(x)}: a token-major source (the bf16
+// backward's Q and dO read in place from varlen's rows) is read once for both (two strided passes became one).
 std::pair<at::Tensor, at::Tensor> pairs_over_d_and_rows(const at::Tensor& x0) {
   const at::Tensor x = pairable(x0);
-  if (!token_major(x) || x.size(2) % BK != 0) return {pairs_over_d(x), pairs_over_rows(x)};
-  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3), nb = Np / BK, np = Dp / 2;
+  const int64_t B = x.size(0), H = x.size(1), Np = x.size(2), Dp = x.size(3);
+  if (!token_major(x) || Np % BK != 0) return {pairs_over_d(x), pairs_over_rows(x)};
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && Dp % 2 == 0);
-  at::Tensor over_d = at::empty({B, H, nb, np, BK, 2}, x.options());
+  at::Tensor over_d = at::empty({B, H, Np / BK, Dp / 2, BK, 2}, x.options());
   at::Tensor over_rows = at::empty({B, H, Np / 2, Dp, 2}, x.options());
-  const bf16* src = x.const_data_ptr<bf16>();
-  uint32_t* dst_d = reinterpret_cast<uint32_t*>(over_d.data_ptr<bf16>());
-  uint32_t* dst_r = reinterpret_cast<uint32_t*>(over_rows.data_ptr<bf16>());
-  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
-  const bool vec = use_avx512();
-  at::parallel_for(0, B * nb, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<bf16> tile(BK * Dp);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / nb, blk = w % nb;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t bh = b * H + h;
-        const bf16* rows = tile_rows(src + b * sb + h * sh + blk * BK * sn, sn, BK, Dp, tile.data());
-        const uint32_t* pairs = reinterpret_cast<const uint32_t*>(rows);
-        const uint16_t* halves = reinterpret_cast<const uint16_t*>(rows);
-        uint32_t* od = dst_d + (bh * nb + blk) * BK * np;
-        uint32_t* orow = dst_r + (bh * (Np / 2) + blk * (BK / 2)) * Dp;
-        if (vec) {
-          pairs_over_d_avx512(pairs, od, np, np);
-          pairs_over_rows_avx512(halves, orow, BK / 2, Dp, Dp);
-        } else {
-          pairs_over_d_portable(pairs, od, np, np);
-          pairs_over_rows_portable(halves, orow, BK / 2, Dp, Dp);
-        }
-      }
-    }
-  });
+  pairs_from_tiles(x, &over_d, &over_rows);
   return {over_d, over_rows};
 }
 

@@ -17,10 +17,6 @@
 namespace fmk::cpu::flash_attn {
 namespace {
 
-// delta[bh * N + i] = sum_d dO[bh][i][d] * O[bh][i][d] for flat rows [r0, r1) (fp32 accumulation).
-// fp32: one FMA chain over d in order, as the dP = dO V^T tile computes each entry, so that a row that sees a
-// single key (O = v exactly) gets dP - delta = 0 exactly, as PyTorch's softmax backward does (the vector sum left
-// ~1 ulp there: dk 5x PyTorch's error vs fp64). D scalar FMAs per row: ~1 ms of a ~100 ms B4 H8 N1024 backward.
 // Flat row f of the walk -> delta index bh * N + n. Token-major operands (head stride below the row stride:
 // varlen's (total, H, D) rows, transposed (B, N, H, D) projections) are walked in memory order, n outer and h
 // inner: walking each head's rows 1-2 KB apart cost 4.6x the samples of the contiguous walk (fp32, 8 x 1024
@@ -35,6 +31,10 @@ struct RowWalk {
   }
 };
 
+// delta[bh * N + i] = sum_d dO[bh][i][d] * O[bh][i][d] for the walk's flat rows [r0, r1) (fp32 accumulation).
+// fp32: one FMA chain over d in order, as the dP = dO V^T tile computes each entry, so that a row that sees a
+// single key (O = v exactly) gets dP - delta = 0 exactly, as PyTorch's softmax backward does (the vector sum left
+// ~1 ulp there: dk 5x PyTorch's error vs fp64). D scalar FMAs per row: ~1 ms of a ~100 ms B4 H8 N1024 backward.
 template <typename T>
 FMK_AVX512 void delta_rows_avx512(Rows<T> dO, Rows<T> O, RowWalk walk, float* delta, int64_t r0, int64_t r1,
                                   int64_t D) {
@@ -416,7 +416,8 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     const at::Tensor Kr = kv_in_place && Kb.stride(2) != t.Dp ? at::Tensor() : pairs_over_rows(Kb);
     bwd_bf16(t, rows_of<bf16>(Kb), rows_of<bf16>(Vb), Qt.const_data_ptr<bf16>(),
              dOt.const_data_ptr<bf16>(), Qr.const_data_ptr<bf16>(), dOr.const_data_ptr<bf16>(),
-             Kr.defined() ? Kr.const_data_ptr<bf16>() : nullptr, lse2.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq_acc_p,
+             Kr.defined() ? Kr.const_data_ptr<bf16>() : nullptr, lse2.const_data_ptr<float>(),
+             delta.const_data_ptr<float>(), dq_acc_p,
              out_rows<bf16>(dqv), out_rows<bf16>(dkv), out_rows<bf16>(dvv), fscale);
   } else {
     at::Tensor qk, dok, kk, vk;

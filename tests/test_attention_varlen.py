@@ -143,6 +143,7 @@ def test_cpu_portable_fallback(isa, monkeypatch):
     for dtype in DTYPES:
         _check("cpu", [70, 0, 1, 9], [70, 3, 1, 30], 4, 2, 40, dtype, causal=True)
         _check("cpu", [1, 33], [33, 33], 2, 2, 16, dtype, window=(5, 0))
+        _check("cpu", [128, 64], [128, 64], 4, 2, 64, dtype, causal=True)  # whole key blocks: read in place
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="CPU extension not built")

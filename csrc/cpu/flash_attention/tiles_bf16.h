@@ -77,7 +77,9 @@ FMK_AVX512_BF16 void gemm_bf16_blocked_avx512(int64_t M, int64_t N, int64_t K2, 
     for (; i + 4 <= M; i += 4)
       abt_bf16_rows<4, 4, LDA, LPA>(N, K2, nblk, ablk, A + i * la, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
   }
-  for (; i < M; ++i)
+  // the < 8 rows left, one at a time (a bound the compiler can see: `i < M` alone drew a GCC
+  // -Waggressive-loop-optimizations false positive where M = 64 is a constant)
+  for (const int64_t end = std::min<int64_t>(M, i + 7); i < end; ++i)
     abt_bf16_rows<1, 4, LDA, LPA>(N, K2, nblk, ablk, A + i * la, lda, lpa, Bp, ldb, C + i * ldc, ldc, accumulate);
 }
 

@@ -367,7 +367,7 @@ void bwd_segments(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     float* dp = delta.data_ptr<float>();
     FMK_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_delta", [&] {
       const Rows<scalar_t> a = rows_of<scalar_t>(dOc), o = rows_of<scalar_t>(Oc);
-      const RowWalk walk{Hq, NQ, Hq > 1 && NQ > 1 && std::abs(a.sh) < std::abs(a.sn)};
+      const RowWalk walk{Hq, NQ, token_major(dOc)};
       at::parallel_for(0, B * Hq * NQ, 256, [&](int64_t r0, int64_t r1) {
         if (avx512)
           delta_rows_avx512<scalar_t>(a, o, walk, dp, r0, r1, D);
